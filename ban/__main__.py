@@ -1,0 +1,5 @@
+import sys
+
+from ban.cli import main
+
+sys.exit(main())
