@@ -1,0 +1,41 @@
+"""Bilinear Attention Networks (Kim, Jun and Zhang, NeurIPS 2018) for VQA and phrase grounding.
+
+The public API:
+
+    import ban
+    model = ban.BAN(ban.preset("ban-8-vqa"))          # or ban.build(config)
+    out = model(v, b, q)                              # BANOutput(logits, attention, ...)
+    ban.save(model, "model.safetensors"); model = ban.load("model.safetensors")
+    model = ban.load_official("model_epoch12.pth")    # the original release's checkpoint
+"""
+
+from ban.checkpoint import load, save
+from ban.model import (
+    BAN,
+    PRESETS,
+    BANConfig,
+    BANGrounding,
+    BANOutput,
+    build,
+    count_parameters,
+    flops_per_example,
+    preset,
+)
+from ban.official import load_official
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BAN",
+    "BANConfig",
+    "BANGrounding",
+    "BANOutput",
+    "PRESETS",
+    "build",
+    "count_parameters",
+    "flops_per_example",
+    "load",
+    "load_official",
+    "preset",
+    "save",
+]

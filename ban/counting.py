@@ -1,0 +1,135 @@
+"""The counting module of Zhang, Hare and Prugel-Bennett, "Learning to Count Objects in Natural
+Images for Visual Question Answering", ICLR 2018, as used by BAN.
+
+From attention weights over boxes and the boxes themselves it builds a graph of relevant boxes,
+removes intra-object duplicates (the same object seen by overlapping boxes) and inter-object
+duplicates, and turns the resulting real-valued count into a soft one-hot vector over 0..objects
+scaled by a learned confidence. All learned parts are 16 monotone piecewise-linear maps f_0..f_15
+of [0, 1] onto [0, 1] (only f_0..f_7 are used; the rest exist as in the original, for checkpoints).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PiecewiseLinear(nn.Module):
+    """A monotone increasing piecewise-linear map of [0, 1] with f(0) = 0 and f(1) = 1.
+
+    `pieces` equal segments; the slope of each is a learned non-negative weight (|w|, normalised
+    to sum to 1). Weight 0 is fixed at zero (its gradient through |.| at 0 is zero).
+    """
+
+    def __init__(self, pieces: int = 16):
+        super().__init__()
+        self.pieces = pieces
+        weight = torch.ones(pieces + 1)
+        weight[0] = 0
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.abs()
+        w = w / w.sum()
+        cumulative = w.cumsum(dim=0)
+        y = self.pieces * x
+        index = y.long()
+        fraction = y.frac()
+        # The sum of the whole segments left of x, plus the covered part of x's own segment.
+        left = cumulative[index.clamp(max=self.pieces)]
+        return left + fraction * w[(index + 1).clamp(max=self.pieces)]
+
+
+class Counter(nn.Module):
+    """Counting component: `count = Counter(boxes, attention)`.
+
+    Args:
+        objects: how many top-attended boxes are considered (10 in BAN); also the largest count.
+    Input:
+        boxes: `[B, 4, N]` x1, y1, x2, y2 (normalised), N >= objects.
+        attention: `[B, N]` attention logits (sigmoid is applied here); padded boxes -inf.
+    Output:
+        `[B, objects + 1]` soft one-hot count scaled by confidence.
+    """
+
+    def __init__(self, objects: int = 10):
+        super().__init__()
+        self.objects = objects
+        self.f = nn.ModuleList(PiecewiseLinear(16) for _ in range(16))
+
+    def forward(self, boxes: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        count, confidence = self.count(boxes, attention)
+        return self.to_one_hot(count) * confidence.unsqueeze(1)
+
+    def count(self, boxes: torch.Tensor, attention: torch.Tensor):
+        """The real-valued count `[B]` and its confidence `[B]` (inputs as for `forward`)."""
+        if attention.shape[1] < self.objects:
+            raise ValueError(
+                f"the counter needs at least {self.objects} boxes per image, got "
+                f"{attention.shape[1]}; pad the boxes (zero features) up to {self.objects}"
+            )
+        # Only the most attended boxes matter; the others would barely change the count.
+        attention, index = attention.topk(self.objects, dim=1)
+        boxes = boxes.gather(2, index.unsqueeze(1).expand(-1, boxes.shape[1], -1))
+        attention = torch.sigmoid(attention)  # [B, m]
+
+        relevancy = outer_product(attention)  # A = a a^T, [B, m, m]
+        distance = 1 - iou(boxes, boxes)  # D = 1 - IoU, [B, m, m]
+
+        # Intra-object deduplication: edges between boxes of one object are removed.
+        score = self.f[0](relevancy) * self.f[1](distance)
+
+        # Inter-object deduplication: boxes whose edges look alike are the same object.
+        dedup_score = self.f[3](relevancy) * self.f[4](distance)
+        similarity = self.f[2](1 - outer_diff(dedup_score)).prod(dim=1) * self.f[2](
+            1 - outer_diff(attention)
+        )
+        row_similarity = similarity.sum(dim=2)  # [B, m]
+        score = score / outer_product(row_similarity)
+
+        # The self-loops (the diagonal), then sum the graph and take the square root.
+        correction = self.f[0](attention * attention) / row_similarity
+        count = score.sum(dim=(1, 2)) + correction.sum(dim=1)
+        count = (count + 1e-20).sqrt()  # [B]
+
+        attention_confidence = (self.f[5](attention) - 0.5).abs().mean(dim=1)
+        distance_confidence = (self.f[6](distance) - 0.5).abs().mean(dim=(1, 2))
+        confidence = self.f[7](attention_confidence + distance_confidence)
+        return count, confidence
+
+    def to_one_hot(self, count: torch.Tensor) -> torch.Tensor:
+        """`[B]` non-negative reals -> `[B, objects + 1]`: 2.75 -> 0.25 at 2, 0.75 at 3."""
+        count = count.clamp(min=0, max=self.objects)
+        floor = count.long()
+        fraction = count.frac().unsqueeze(1)
+        below = nn.functional.one_hot(floor, self.objects + 1).to(count.dtype)
+        above = nn.functional.one_hot((floor + 1).clamp(max=self.objects), self.objects + 1)
+        return (1 - fraction) * below + fraction * above.to(count.dtype)
+
+
+def outer_product(x: torch.Tensor) -> torch.Tensor:
+    """`[B, m]` -> `[B, m, m]` with x_i * x_j (also works on `[B, m, m]` -> `[B, m, m, m]`)."""
+    return x.unsqueeze(-1) * x.unsqueeze(-2)
+
+
+def outer_diff(x: torch.Tensor) -> torch.Tensor:
+    """Like `outer_product` with |x_i - x_j|."""
+    return (x.unsqueeze(-1) - x.unsqueeze(-2)).abs()
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Intersection over union of boxes `[B, 4, m]` and `[B, 4, k]` (x1, y1, x2, y2) -> `[B, m, k]`."""
+    top_left = torch.max(a[:, :2, :, None], b[:, :2, None, :])
+    bottom_right = torch.min(a[:, 2:, :, None], b[:, 2:, None, :])
+    sides = (bottom_right - top_left).clamp(min=0)
+    intersection = sides[:, 0] * sides[:, 1]
+    area_a = area(a).unsqueeze(2)
+    area_b = area(b).unsqueeze(1)
+    return intersection / (area_a + area_b - intersection + 1e-12)
+
+
+def area(boxes: torch.Tensor) -> torch.Tensor:
+    """`[B, 4, m]` -> `[B, m]`."""
+    width = (boxes[:, 2] - boxes[:, 0]).clamp(min=0)
+    height = (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    return width * height

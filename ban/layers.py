@@ -1,0 +1,195 @@
+"""The building blocks of BAN, each usable on its own.
+
+    from ban.layers import BilinearAttentionMap, BilinearPooling
+
+Equation numbers refer to Kim, Jun and Zhang, "Bilinear Attention Networks", NeurIPS 2018.
+Every linear layer is weight-normalised with ONE scalar gain per matrix (w = g * v / ||v||_F),
+as in the original release (`weight_norm(..., dim=None)`), not one gain per output row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class WeightNormLinear(nn.Module):
+    """A linear layer whose weight is `g * v / ||v||_F` with a single scalar gain `g`.
+
+    Initialised like `nn.Linear`, with `g = ||v||_F`, so the initial weight equals `v`.
+    Parameter names (`weight_g`, `weight_v`, `bias`) match the release's checkpoints.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+        self.weight_g = nn.Parameter(torch.empty(()))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
+        with torch.no_grad():
+            self.weight_g.copy_(self.weight_v.norm())
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight `[out, in]`."""
+        return self.weight_v * (self.weight_g / self.weight_v.norm())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class FCNet(nn.Module):
+    """Dropout (if p > 0), then a weight-normalised linear layer, then ReLU (if `relu`).
+
+    The release's `FCNet([in, out], act, dropout)` for a single layer.
+    """
+
+    def __init__(self, in_features: int, out_features: int, relu: bool = True, dropout=0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.linear = WeightNormLinear(in_features, out_features)
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(self.dropout(x))
+        return F.relu(x) if self.relu else x
+
+
+class BilinearAttentionMap(nn.Module):
+    """Low-rank bilinear attention maps, G glimpses at once (Eq. 3-4).
+
+    With Y' = ReLU(Y W_v) `[B, N, HK]` and X' = ReLU(X W_q) `[B, T, HK]`:
+
+        logits[b, g, n, t] = sum_k p_g[k] * Y'[b, n, k] * X'[b, t, k] + b_g        (Eq. 4)
+
+    and the map of glimpse g is one softmax over the joint N x T grid (Eq. 3). The matrix of all
+    p_g is weight-normalised with one shared gain. Padded boxes get -inf logits and so exactly zero
+    attention; padded question tokens are masked only when a `question_mask` is given (the
+    release does not mask them).
+
+    Args:
+        visual_dim: Dv, the region feature size.
+        question_dim: the question token state size (H of the GRU).
+        hidden: H; the joint rank is `hidden * rank` (the paper's K' = 3K).
+        glimpses: G, the number of attention maps.
+        rank: K, the rank multiplier (3 in the paper).
+    """
+
+    def __init__(
+        self,
+        visual_dim: int,
+        question_dim: int,
+        hidden: int,
+        glimpses: int,
+        rank: int = 3,
+        dropout: float = 0.2,
+        attention_dropout: float = 0.5,
+    ):
+        super().__init__()
+        joint = hidden * rank
+        self.glimpses = glimpses
+        self.v_net = FCNet(visual_dim, joint, relu=True, dropout=dropout)
+        self.q_net = FCNet(question_dim, joint, relu=True, dropout=dropout)
+        self.visual_dropout = nn.Dropout(attention_dropout)
+        # p_g of Eq. 4 for all glimpses, weight-normalised as one matrix (the release's h_mat).
+        self.h_mat_v = nn.Parameter(torch.randn(glimpses, joint))
+        self.h_mat_g = nn.Parameter(self.h_mat_v.detach().norm().clone())
+        self.h_bias = nn.Parameter(torch.randn(glimpses))
+
+    @property
+    def h_mat(self) -> torch.Tensor:
+        """The glimpse vectors p_g, `[G, HK]`."""
+        return self.h_mat_v * (self.h_mat_g / self.h_mat_v.norm())
+
+    def logits(self, v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Unmasked bilinear logits (Eq. 4).
+
+        Args:
+            v: `[B, N, Dv]` region features.
+            q: `[B, T, Dq]` question token states.
+        Returns:
+            `[B, G, N, T]`.
+        """
+        v_ = self.visual_dropout(self.v_net(v))  # [B, N, HK]
+        q_ = self.q_net(q)  # [B, T, HK]
+        batch, tokens, joint = q_.shape
+        # Fold p_g into the question side (T <= N): [B, G*T, HK], then one batched matmul.
+        q_g = (q_.unsqueeze(1) * self.h_mat[None, :, None, :]).reshape(batch, -1, joint)
+        logits = torch.bmm(v_, q_g.transpose(1, 2))  # [B, N, G*T]
+        logits = logits.view(batch, -1, self.glimpses, tokens).permute(0, 2, 1, 3)
+        return logits + self.h_bias.view(1, -1, 1, 1)
+
+    def forward(
+        self,
+        v: torch.Tensor,
+        q: torch.Tensor,
+        box_mask: torch.Tensor,
+        question_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention maps and their pre-softmax logits.
+
+        Args:
+            v: `[B, N, Dv]` region features.
+            q: `[B, T, Dq]` question token states.
+            box_mask: `[B, N]` bool, True for real boxes.
+            question_mask: optional `[B, T]` bool, True for real tokens.
+        Returns:
+            `(maps, logits)`, both `[B, G, N, T]`; each map sums to 1 over (N, T); the logits of
+            masked positions are -inf.
+        """
+        logits = self.logits(v, q)
+        mask = box_mask[:, None, :, None]
+        if question_mask is not None:
+            mask = mask & question_mask[:, None, None, :]
+        logits = logits.masked_fill(~mask, float("-inf"))
+        batch, glimpses, boxes, tokens = logits.shape
+        maps = F.softmax(logits.reshape(batch, glimpses, boxes * tokens), dim=-1)  # Eq. 3
+        return maps.view(batch, glimpses, boxes, tokens), logits
+
+
+class BilinearPooling(nn.Module):
+    """Bilinear pooling of one attention map into a joint vector (Eq. 5).
+
+        f[b, k] = sum_{n,t} Y''[b, n, k] * A[b, n, t] * X''[b, t, k]
+
+    with Y'' = ReLU(Y U) and X'' = ReLU(X V) of size `hidden * rank`; when rank K > 1 the
+    result is sum-pooled over consecutive groups of K, giving `[B, hidden]`. The released VQA
+    model uses rank 1 here (no pooling).
+    """
+
+    def __init__(
+        self, visual_dim: int, question_dim: int, hidden: int, rank: int = 1, dropout=0.2
+    ):
+        super().__init__()
+        self.rank = rank
+        self.v_net = FCNet(visual_dim, hidden * rank, relu=True, dropout=dropout)
+        self.q_net = FCNet(question_dim, hidden * rank, relu=True, dropout=dropout)
+
+    def forward(self, v: torch.Tensor, q: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            v: `[B, N, Dv]`, q: `[B, T, Dq]`, attention: `[B, N, T]`.
+        Returns:
+            `[B, hidden]`.
+        """
+        v_ = self.v_net(v)  # [B, N, HK]
+        q_ = self.q_net(q)  # [B, T, HK]
+        # (A X'') first: the intermediate is [B, N, HK], never [B, N, T, HK].
+        joint = (v_ * torch.bmm(attention, q_)).sum(dim=1)  # [B, HK]
+        if self.rank > 1:
+            joint = joint.view(joint.shape[0], -1, self.rank).sum(dim=2)
+        return joint
