@@ -66,7 +66,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
             "for a checkpoint of the original release use ban.load_official"
         ) from None
     if raw.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a ban checkpoint (format {raw.get('format')!r}, expected {FORMAT!r})")
+        raise ValueError(
+            f"{path}: not a ban checkpoint (format {raw.get('format')!r}, expected {FORMAT!r})"
+        )
     try:
         return {key: json.loads(raw[key]) for key in ("config", "vocabulary", "answers", "notes")}
     except (KeyError, json.JSONDecodeError) as error:

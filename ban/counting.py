@@ -118,7 +118,7 @@ def outer_diff(x: torch.Tensor) -> torch.Tensor:
 
 
 def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Intersection over union of boxes `[B, 4, m]` and `[B, 4, k]` (x1, y1, x2, y2) -> `[B, m, k]`."""
+    """IoU of boxes `[B, 4, m]` and `[B, 4, k]` (x1, y1, x2, y2) -> `[B, m, k]`."""
     top_left = torch.max(a[:, :2, :, None], b[:, :2, None, :])
     bottom_right = torch.min(a[:, 2:, :, None], b[:, 2:, None, :])
     sides = (bottom_right - top_left).clamp(min=0)

@@ -171,9 +171,7 @@ class BilinearPooling(nn.Module):
     model uses rank 1 here (no pooling).
     """
 
-    def __init__(
-        self, visual_dim: int, question_dim: int, hidden: int, rank: int = 1, dropout=0.2
-    ):
+    def __init__(self, visual_dim: int, question_dim: int, hidden: int, rank: int = 1, dropout=0.2):
         super().__init__()
         self.rank = rank
         self.v_net = FCNet(visual_dim, hidden * rank, relu=True, dropout=dropout)

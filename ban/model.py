@@ -180,7 +180,7 @@ class BAN(nn.Module):
 
     @torch.no_grad()
     def init_embeddings(self, glove=None, tfidf=None) -> None:
-        """Copy `[V, D]` initial vectors (GloVe; the tf-idf-weighted GloVe for 'c') into the tables."""
+        """Copy `[V, D]` initial vectors into the tables (GloVe; tf-idf-weighted GloVe for 'c')."""
         for table, values, name in ((self.embedding.words, glove, "glove"),
                                     (self.embedding.tfidf, tfidf, "tfidf")):  # fmt: skip
             if values is None:
@@ -190,7 +190,9 @@ class BAN(nn.Module):
             values = torch.as_tensor(values, dtype=table.weight.dtype)
             expected = (table.num_embeddings - 1, table.embedding_dim)
             if tuple(values.shape) != expected:
-                raise ValueError(f"{name} init has shape {tuple(values.shape)}, expected {expected}")
+                raise ValueError(
+                    f"{name} init has shape {tuple(values.shape)}, expected {expected}"
+                )
             table.weight[:-1].copy_(values)
 
     def encode_question(self, q: torch.Tensor) -> torch.Tensor:

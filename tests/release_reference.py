@@ -53,8 +53,12 @@ def _counter(state, boxes, attention, objects=10):
 
     def iou(a, b):
         size = (a.size(0), 2, a.size(2), b.size(2))
-        lo = torch.max(a[:, :2, :].unsqueeze(3).expand(*size), b[:, :2, :].unsqueeze(2).expand(*size))
-        hi = torch.min(a[:, 2:, :].unsqueeze(3).expand(*size), b[:, 2:, :].unsqueeze(2).expand(*size))
+        lo = torch.max(
+            a[:, :2, :].unsqueeze(3).expand(*size), b[:, :2, :].unsqueeze(2).expand(*size)
+        )
+        hi = torch.min(
+            a[:, 2:, :].unsqueeze(3).expand(*size), b[:, 2:, :].unsqueeze(2).expand(*size)
+        )
         inter = (hi - lo).clamp(min=0)
         inter = inter[:, 0] * inter[:, 1]
         area_a = area(a).unsqueeze(2).expand_as(inter)
@@ -119,7 +123,9 @@ def _attention_logits(state, v, x):
     p = "module.v_att.logits."
     v_ = torch.relu(_wn_linear(state, p + "v_net.main.1.", v))
     q_ = torch.relu(_wn_linear(state, p + "q_net.main.1.", x))
-    h_mat = state[p + "h_mat_g"].reshape(()) * state[p + "h_mat_v"] / torch.norm(state[p + "h_mat_v"])
+    h_mat = (
+        state[p + "h_mat_g"].reshape(()) * state[p + "h_mat_v"] / torch.norm(state[p + "h_mat_v"])
+    )
     logits = torch.einsum("xhyk,bvk,bqk->bhvq", h_mat, v_, q_)
     return logits + state[p + "h_bias"]
 
@@ -172,7 +178,11 @@ def random_release_state(
 
     def wn(prefix, out_f, in_f):
         v = rand(out_f, in_f)
-        return {prefix + "weight_g": gain(v.norm()), prefix + "weight_v": v, prefix + "bias": rand(out_f, scale=0.1)}
+        return {
+            prefix + "weight_g": gain(v.norm()),
+            prefix + "weight_v": v,
+            prefix + "bias": rand(out_f, scale=0.1),
+        }
 
     state = {"w_emb.emb.weight": rand(vocab + 1, dim, scale=1.0)}
     state["w_emb.emb.weight"][vocab] = 0
@@ -180,10 +190,11 @@ def random_release_state(
         state["w_emb.emb_.weight"] = rand(vocab + 1, dim, scale=1.0)
         state["w_emb.emb_.weight"][vocab] = 0
     gru_in = dim * (2 if tfidf else 1)
-    state.update({
-        "q_emb.rnn.weight_ih_l0": rand(3 * hidden, gru_in), "q_emb.rnn.weight_hh_l0": rand(3 * hidden, hidden),
-        "q_emb.rnn.bias_ih_l0": rand(3 * hidden), "q_emb.rnn.bias_hh_l0": rand(3 * hidden),
-    })  # fmt: skip
+    rnn = "q_emb.rnn."
+    state[rnn + "weight_ih_l0"] = rand(3 * hidden, gru_in)
+    state[rnn + "weight_hh_l0"] = rand(3 * hidden, hidden)
+    state[rnn + "bias_ih_l0"] = rand(3 * hidden)
+    state[rnn + "bias_hh_l0"] = rand(3 * hidden)
     h_mat = rand(1, glimpses, 1, 3 * hidden, scale=1.0)
     state.update({"v_att.logits.h_mat_v": h_mat, "v_att.logits.h_mat_g": gain(h_mat.norm()) * 0.1,
                   "v_att.logits.h_bias": rand(1, glimpses, 1, 1, scale=1.0)})  # fmt: skip

@@ -63,7 +63,12 @@ def test_config_is_inferred_from_tensors(tmp_path):
     state = random_release_state(vocab=40, dim=10, hidden=16, glimpses=3, visual=24, answers=9)
     torch.save(state, tmp_path / "bare.pth")  # a bare state dict is accepted too
     config = ban.load_official(tmp_path / "bare.pth").config
-    assert (config.vocab_size, config.embedding_dim, config.hidden, config.glimpses) == (40, 10, 16, 3)
+    assert (config.vocab_size, config.embedding_dim, config.hidden, config.glimpses) == (
+        40,
+        10,
+        16,
+        3,
+    )
     assert (config.rank, config.visual_dim, config.num_answers) == (3, 24, 9)
     assert config.tfidf_embedding and config.counter and config.task == "vqa"
 
@@ -91,7 +96,9 @@ def test_dictionary_and_answers_are_attached(tmp_path):
         pickle.dump([{w: i for i, w in enumerate(words)}, words], f)
     with open(tmp_path / "label2ans.pkl", "wb") as f:
         pickle.dump(["yes", "no", "2"], f)
-    model = ban.load_official(tmp_path / "m.pth", tmp_path / "dictionary.pkl", tmp_path / "label2ans.pkl")
+    model = ban.load_official(
+        tmp_path / "m.pth", tmp_path / "dictionary.pkl", tmp_path / "label2ans.pkl"
+    )
     assert model.vocabulary == words and model.answers == ["yes", "no", "2"]
     assert model.notes["unknown_word_index"] == 4  # the release maps unknown words to V - 1
     with open(tmp_path / "short.pkl", "wb") as f:

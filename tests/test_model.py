@@ -1,0 +1,144 @@
+"""The full models: shapes, masking, gradients, parameter counts, input errors."""
+
+import pytest
+import torch
+
+import ban
+from ban.model import BANConfig, count_parameters, flops_per_example
+
+
+def _tiny(**overrides):
+    values = dict(vocab_size=30, embedding_dim=8, tfidf_embedding=False, hidden=16, glimpses=2,
+                  num_answers=7, visual_dim=12)  # fmt: skip
+    return BANConfig(**{**values, **overrides})
+
+
+def _batch(config, batch=3, boxes=12, tokens=14):
+    torch.manual_seed(0)
+    v = torch.rand(batch, boxes, config.visual_dim)
+    v[0, 10:] = 0
+    corners = torch.rand(batch, boxes, 2) * 0.5
+    b = torch.cat([corners, corners + 0.3, torch.full((batch, boxes, 2), 0.3)], dim=2)
+    q = torch.randint(0, config.vocab_size, (batch, tokens))
+    q[0, 6:] = config.vocab_size
+    return v, b, q
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(glimpses=1, counter=False), dict(glimpses=8, tfidf_embedding=True),
+     dict(fusion="sum"), dict(fusion="concat", glimpses=3), dict(rank=1),
+     dict(mask_question_padding=True)],
+)  # fmt: skip
+def test_shapes_and_masking(overrides):
+    config = _tiny(**overrides)
+    model = ban.BAN(config).eval()
+    v, b, q = _batch(config)
+    out = model(v, b, q)
+    assert out.logits.shape == (3, 7)
+    assert out.attention.shape == out.attention_logits.shape == (3, config.glimpses, 12, 14)
+    assert torch.all(out.attention[0, :, 10:] == 0)  # padded boxes get exactly zero attention
+    assert torch.isinf(out.attention_logits[0, :, 10:]).all()
+    assert torch.allclose(out.attention.sum(dim=(2, 3)), torch.ones(3, config.glimpses))
+    if config.mask_question_padding:
+        assert torch.all(out.attention[0, :, :, 6:] == 0)
+
+
+def test_explicit_box_mask_equals_the_zero_row_rule():
+    config = _tiny()
+    model = ban.BAN(config).eval()
+    v, b, q = _batch(config)
+    mask = v.abs().sum(dim=2) != 0
+    assert torch.equal(model(v, b, q).logits, model(v, b, q, box_mask=mask).logits)
+
+
+@pytest.mark.parametrize("fusion", ["residual", "sum", "concat"])
+def test_every_parameter_receives_a_gradient(fusion):
+    config = _tiny(fusion=fusion, tfidf_embedding=True)
+    model = ban.BAN(config).train()
+    v, b, q = _batch(config)
+    model(v, b, q).logits.sum().backward()
+    # f_8..f_15 of the counter exist only to mirror the release; it uses f_0..f_7.
+    unused = {f"counter.f.{i}.weight" for i in range(8, 16)}
+    for name, parameter in model.named_parameters():
+        if name in unused:
+            assert parameter.grad is None
+        else:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_release_parameter_counts():
+    assert count_parameters(ban.BAN(ban.preset("ban-8-vqa"))) == 90_618_566
+    assert count_parameters(ban.BAN(ban.preset("ban-8-ablation", glimpses=1))) == 32_198_378
+    assert count_parameters(ban.BAN(ban.preset("ban-8-ablation", glimpses=4))) == 44_799_734
+    flops = flops_per_example(ban.preset("ban-8-vqa"))
+    assert 2.8e9 < flops < 3.0e9
+
+
+def test_dropout_is_off_in_eval_and_seeded_in_train():
+    config = _tiny()
+    v, b, q = _batch(config)
+    torch.manual_seed(3)
+    first = ban.BAN(config)
+    torch.manual_seed(3)
+    second = ban.BAN(config)
+    assert torch.equal(first.eval()(v, b, q).logits, second.eval()(v, b, q).logits)
+    first.train(), second.train()
+    torch.manual_seed(5)
+    a = first(v, b, q).logits
+    torch.manual_seed(5)
+    assert torch.equal(a, second(v, b, q).logits)
+    assert not torch.equal(a, first(v, b, q).logits)
+
+
+def test_grounding_model_scores_boxes_per_phrase():
+    config = _tiny(glimpses=1, counter=False, task="grounding", num_answers=1)
+    model = ban.build(config).eval()
+    assert isinstance(model, ban.BANGrounding)
+    v, _, q = _batch(config)
+    scores = model(v, q, torch.tensor([[1, 4], [2, 2], [0, 13]]))
+    assert scores.shape == (3, 2, 12)
+    assert torch.all(scores[0, :, 10:] == -99.0) and torch.isfinite(scores).all()
+    scores.sum().backward()
+
+
+def test_embedding_init_and_padding_row():
+    config = _tiny(tfidf_embedding=True)
+    model = ban.BAN(config)
+    glove, tfidf = torch.randn(30, 8), torch.randn(30, 8)
+    model.init_embeddings(glove=glove, tfidf=tfidf)
+    assert torch.equal(model.embedding.words.weight[:30], glove)
+    assert torch.equal(model.embedding.tfidf.weight[:30], tfidf)
+    assert torch.all(model.embedding.words.weight[30] == 0)
+    with pytest.raises(ValueError, match="expected \\(30, 8\\)"):
+        model.init_embeddings(glove=torch.randn(29, 8))
+
+
+def test_bad_inputs_are_named():
+    config = _tiny()
+    model = ban.BAN(config).eval()
+    v, b, q = _batch(config)
+    with pytest.raises(ValueError, match="v must be"):
+        model(v[..., :5], b, q)
+    with pytest.raises(ValueError, match="b must be"):
+        model(v, b[:, :3], q)
+    with pytest.raises(ValueError, match="token ids must be in 0..30"):
+        model(v, b, q + 100)
+    with pytest.raises(ValueError, match="token ids must be integers"):
+        model(v, b, q.float())
+    empty = v.clone()
+    empty[1] = 0
+    with pytest.raises(ValueError, match=r"batch rows \[1\] have no boxes"):
+        model(empty, b, q)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="fusion"):
+        BANConfig(fusion="product")
+    with pytest.raises(ValueError, match="glimpses"):
+        BANConfig(glimpses=0)
+    with pytest.raises(ValueError, match="unknown BANConfig field"):
+        BANConfig.from_dict({"hidden": 3, "colour": 1})
+    with pytest.raises(ValueError, match="unknown preset"):
+        ban.preset("ban-99")
+    assert ban.preset("ban-8-vqa", glimpses=4).glimpses == 4
