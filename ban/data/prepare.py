@@ -1,0 +1,442 @@
+"""``prepare(raw_dir, out_dir)``: raw VQA v2 / bottom-up / GloVe / Visual Genome files -> the
+prepared data directory of docs/DESIGN.md, and ``load_prepared`` to read it back.
+
+Prepared directory::
+
+    DATA/
+      manifest.json          what was prepared, from which files, with which options
+      dictionary.json        {"words": [...], "padding_idx": V, "unknown": "<unk>" | "release"}
+      answers.json           the answer list, label order
+      glove.npy, tfidf.npy   [V, D] float32 embedding inits (when a GloVe file was found)
+      features/<split>.h5    train2014, val2014, test2015 (test-dev2015 uses test2015's file)
+      <split>.jsonl          one question per line (vg_train2014 / vg_val2014 for Visual Genome)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ban.data.features import FeatureStore, convert_features_many
+from ban.data.visual_genome import coco_ids, load_vg_questions, vg_entries
+from ban.data.vqa import (
+    VQADataset,
+    answer_scores,
+    answer_vocabulary,
+    load_annotations,
+    load_questions,
+    match_annotations,
+)
+from ban.text import MAX_LENGTH, Dictionary, read_glove, tfidf_init
+
+FORMAT = "ban-prepared-v1"
+SPLITS = ("train2014", "val2014", "test2015", "test-dev2015")  # the release's dictionary order
+ANNOTATED = ("train2014", "val2014")
+IMAGE_SPLIT = {
+    "train2014": "train2014",
+    "val2014": "val2014",
+    "test2015": "test2015",
+    "test-dev2015": "test2015",
+}
+
+_VQA = "https://visualqa.org/download.html"
+SOURCES = {
+    "train2014 questions": f"v2_Questions_Train_mscoco.zip from {_VQA}",
+    "val2014 questions": f"v2_Questions_Val_mscoco.zip from {_VQA}",
+    "test2015 questions": f"v2_Questions_Test_mscoco.zip from {_VQA}",
+    "test-dev2015 questions": f"v2_Questions_Test_mscoco.zip from {_VQA}",
+    "train2014 annotations": f"v2_Annotations_Train_mscoco.zip from {_VQA}",
+    "val2014 annotations": f"v2_Annotations_Val_mscoco.zip from {_VQA}",
+    "features": "bottom-up-attention TSV files (trainval.zip with the adaptive 10-100 boxes, or "
+    "trainval_36.zip; test2015.zip / test2015_36.zip for the test images), "
+    "https://github.com/peteanderson80/bottom-up-attention#pretrained-features",
+    "glove": "glove.6B.zip from https://nlp.stanford.edu/projects/glove/ (glove.6B.300d.txt)",
+    "vg questions": "question_answers.json.zip from https://homes.cs.washington.edu/~ranjay/"
+    "visualgenome/api.html (Visual Genome v1.2)",
+    "vg images": "image_data.json.zip from https://homes.cs.washington.edu/~ranjay/"
+    "visualgenome/api.html (Visual Genome v1.2)",
+}
+
+
+class MissingFilesError(FileNotFoundError):
+    """Raised by :func:`prepare` with every missing raw file; ``.missing`` lists
+    ``(path, source)`` pairs."""
+
+    def __init__(self, raw_dir: Path, missing: list[tuple[str, str]]) -> None:
+        self.missing = missing
+        lines = [f"{raw_dir}: {len(missing)} raw file(s) missing:"]
+        lines += [f"  {path}\n      from {source}" for path, source in missing]
+        super().__init__("\n".join(lines))
+
+
+def question_file(raw_dir: Path, split: str) -> Path:
+    return raw_dir / f"v2_OpenEnded_mscoco_{split}_questions.json"
+
+
+def annotation_file(raw_dir: Path, split: str) -> Path:
+    return raw_dir / f"v2_mscoco_{split}_annotations.json"
+
+
+def _feature_files(raw_dir: Path) -> list[Path]:
+    folder = raw_dir / "features"
+    return sorted(p for p in folder.glob("*.tsv*") if p.is_file()) if folder.is_dir() else []
+
+
+def find_raw_files(
+    raw_dir: str | Path, splits: list[str] | None = None, glove: str | Path | None = None
+) -> dict:
+    """Locate the raw files; raise :class:`MissingFilesError` listing every missing one.
+
+    ``splits=None`` prepares the VQA splits whose question file is present (train2014 and
+    val2014 are required when neither is there, since the answer vocabulary needs annotations).
+    """
+    raw_dir = Path(raw_dir)
+    if not raw_dir.is_dir():
+        raise FileNotFoundError(f"raw data folder not found: {raw_dir}")
+    if splits is None:
+        splits = [s for s in SPLITS if question_file(raw_dir, s).is_file()]
+        if not any(s in ANNOTATED for s in splits):
+            splits = sorted(set(splits) | set(ANNOTATED), key=SPLITS.index)
+    for s in splits:
+        if s not in SPLITS:
+            raise ValueError(f"unknown split {s!r}; expected one of {', '.join(SPLITS)}")
+    splits = sorted(set(splits), key=SPLITS.index)
+    missing: list[tuple[str, str]] = []
+    found: dict = {"splits": splits, "questions": {}, "annotations": {}}
+    for s in splits:
+        path = question_file(raw_dir, s)
+        found["questions"][s] = path
+        if not path.is_file():
+            missing.append((str(path), SOURCES[f"{s} questions"]))
+        if s in ANNOTATED:
+            path = annotation_file(raw_dir, s)
+            found["annotations"][s] = path
+            if not path.is_file():
+                missing.append((str(path), SOURCES[f"{s} annotations"]))
+    found["features"] = _feature_files(raw_dir)
+    if not found["features"]:
+        missing.append((str(raw_dir / "features" / "*.tsv"), SOURCES["features"]))
+    if glove is not None:
+        found["glove"] = Path(glove)
+        if not found["glove"].is_file():
+            missing.append((str(glove), SOURCES["glove"]))
+    else:
+        candidates = sorted((raw_dir / "glove").glob("glove.*.txt"))
+        if len(candidates) > 1:
+            raise ValueError(
+                f"{raw_dir / 'glove'}: several GloVe files "
+                f"({', '.join(p.name for p in candidates)}); choose one with glove="
+            )
+        found["glove"] = candidates[0] if candidates else None
+    vg = {
+        "vg questions": raw_dir / "vg" / "question_answers.json",
+        "vg images": raw_dir / "vg" / "image_data.json",
+    }
+    present = [p.is_file() for p in vg.values()]
+    if any(present) and not all(present):
+        missing += [(str(p), SOURCES[k]) for k, p in vg.items() if not p.is_file()]
+    found["vg"] = vg if all(present) else None
+    if missing:
+        raise MissingFilesError(raw_dir, missing)
+    return found
+
+
+def _source(path: Path) -> dict:
+    return {"path": str(path), "bytes": path.stat().st_size}
+
+
+def _write_jsonl(path: Path, entries: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for e in entries:
+            f.write(json.dumps(e, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def prepare(
+    raw_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    splits: list[str] | None = None,
+    min_answer_count: int = 9,
+    answer_splits: list[str] | None = None,
+    max_length: int = MAX_LENGTH,
+    release_unk: bool = False,
+    normalize_human_answers: bool = False,
+    glove: str | Path | None = None,
+    fix_idf: bool = False,
+    use_vg: bool = True,
+    fp16: bool = False,
+    allow_missing_features: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Turn a raw folder (layout in docs/DESIGN.md) into a prepared data directory.
+
+    - ``splits``: VQA splits to prepare (default: those whose question file is in ``raw_dir``).
+    - ``min_answer_count``: answers given for at least this many questions form the vocabulary,
+      counted over ``answer_splits`` (default: the annotated splits prepared).
+    - ``release_unk``: a dictionary without ``<unk>``, unknown words -> V-1 (the release).
+    - ``normalize_human_answers``: normalise each human answer before matching it to the
+      vocabulary (the release does not, and loses some credit).
+    - ``glove``: a GloVe text file (default: the one ``raw_dir/glove/glove.*.txt``); ``fix_idf``:
+      fix the release's IDF indexing bug in the tf-idf init (see ``ban.text.tfidf_matrix``).
+    - ``use_vg``: add Visual Genome QA when ``raw_dir/vg`` holds both files.
+    - ``allow_missing_features``: drop (and count) questions whose image has no features instead
+      of failing.
+
+    Returns ``out_dir``. ``manifest.json`` is written last: a folder without it is incomplete.
+    """
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    found = find_raw_files(raw_dir, splits, glove)
+    splits = found["splits"]
+    say = print if progress else (lambda *a, **k: None)
+
+    # 1. questions and annotations (all checked before the long feature conversion)
+    questions = {s: load_questions(found["questions"][s]) for s in splits}
+    annotations = {}
+    for s in found["annotations"]:
+        annotations[s] = load_annotations(found["annotations"][s])
+        match_annotations(
+            questions[s], annotations[s], found["questions"][s], found["annotations"][s]
+        )
+    vg_questions = vg_coco = None
+    if use_vg and found["vg"] is not None:
+        vg_questions = load_vg_questions(found["vg"]["vg questions"])
+        vg_coco = coco_ids(found["vg"]["vg images"])
+
+    dictionary = Dictionary.build(
+        (q["question"] for s in splits for q in questions[s]), release_unk=release_unk
+    )
+    answer_splits = answer_splits or [s for s in splits if s in annotations]
+    for s in answer_splits:
+        if s not in annotations:
+            raise ValueError(f"answer split {s!r} has no annotations among the prepared splits")
+    answers = answer_vocabulary(
+        (a for s in answer_splits for a in annotations[s].values()), min_answer_count
+    )
+    if not answers:
+        raise ValueError(
+            f"no answer is given for >= {min_answer_count} questions in "
+            f"{', '.join(answer_splits)}; lower min_answer_count"
+        )
+    ans2label = {a: i for i, a in enumerate(answers)}
+    say(f"{len(dictionary)} words, {len(answers)} answers (min count {min_answer_count})")
+
+    # 2. region features, one pass over the TSV files
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image_splits = sorted({IMAGE_SPLIT[s] for s in splits}, key=SPLITS.index)
+    wanted = {
+        out_dir / "features" / f"{i}.h5": {
+            q["image_id"] for s in splits if IMAGE_SPLIT[s] == i for q in questions[s]
+        }
+        for i in image_splits
+    }
+    converted = convert_features_many(found["features"], wanted, fp16=fp16, progress=progress)
+    feature_info = {}
+    feature_dim = None
+    for i in image_splits:
+        info = converted[out_dir / "features" / f"{i}.h5"]
+        feature_info[i] = {
+            "file": f"features/{i}.h5",
+            "images": info["images"],
+            "boxes": info["boxes"],
+        }
+        store = FeatureStore(out_dir / "features" / f"{i}.h5")
+        if len(store):
+            feature_dim = store.dim
+
+    # 3. one jsonl per split
+    split_info = {}
+    for s in splits:
+        store = FeatureStore(out_dir / "features" / f"{IMAGE_SPLIT[s]}.h5")
+        entries, dropped = [], []
+        for q in questions[s]:
+            if q["image_id"] not in store:
+                dropped.append(q)
+                continue
+            e = {
+                "question_id": q["question_id"],
+                "image_id": q["image_id"],
+                "question": q["question"],
+                "tokens": dictionary.encode(q["question"], max_length),
+            }
+            if s in annotations:
+                a = annotations[s][q["question_id"]]
+                human = [x["answer"] for x in a["answers"]]
+                labels, scores = answer_scores(human, ans2label, normalize_human_answers)
+                e.update(
+                    answers=human,
+                    multiple_choice_answer=a["multiple_choice_answer"],
+                    answer_type=a["answer_type"],
+                    question_type=a["question_type"],
+                    labels=labels,
+                    scores=scores,
+                )
+            entries.append(e)
+        if dropped:
+            images = sorted({q["image_id"] for q in dropped})
+            message = (
+                f"{found['questions'][s]}: {len(dropped)} question(s) on {len(images)} image(s) "
+                f"with no features in {', '.join(str(p) for p in found['features'])} (first: "
+                f"question_id {dropped[0]['question_id']}, image_id {dropped[0]['image_id']}; "
+                f"image ids {images[:10]}{' ...' if len(images) > 10 else ''})"
+            )
+            if not allow_missing_features:
+                raise ValueError(
+                    message + "; add the missing TSV files, or pass "
+                    "allow_missing_features=True (--allow-missing-features) to drop "
+                    "these questions"
+                )
+            warnings.warn("dropped " + message, stacklevel=2)
+        _write_jsonl(out_dir / f"{s}.jsonl", entries)
+        split_info[s] = {
+            "file": f"{s}.jsonl",
+            "features": f"features/{IMAGE_SPLIT[s]}.h5",
+            "questions": len(entries),
+            "answers": s in annotations,
+            "source": "vqa",
+            "dropped_no_features": len(dropped),
+        }
+        say(f"{s}: {len(entries)} questions")
+
+    # 4. Visual Genome QA on the COCO images with features here
+    vg_info = None
+    if vg_questions is not None:
+        vg_info = {}
+        for i in ("train2014", "val2014"):
+            if i not in image_splits:
+                continue
+            store = FeatureStore(out_dir / "features" / f"{i}.h5")
+            entries, counts = vg_entries(vg_questions, vg_coco, store, ans2label)
+            for e in entries:
+                e["tokens"] = dictionary.encode(e["question"], max_length)
+            name = f"vg_{i}"
+            _write_jsonl(out_dir / f"{name}.jsonl", entries)
+            split_info[name] = {
+                "file": f"{name}.jsonl",
+                "features": f"features/{i}.h5",
+                "questions": len(entries),
+                "answers": True,
+                "source": "vg",
+            }
+            vg_info[name] = counts
+            say(f"{name}: {counts['used']} of {counts['questions']} VG questions")
+
+    # 5. dictionary, answers, embeddings
+    dictionary.save(out_dir / "dictionary.json")
+    _write_json(out_dir / "answers.json", answers)
+    embeddings = None
+    if found["glove"] is not None:
+        glove_path = found["glove"]
+        weights, hits = read_glove(glove_path, dictionary.words)
+        _save_npy(out_dir / "glove.npy", weights)
+        # the release's tf-idf texts: VQA train, val and test2015 questions, then VG questions
+        texts = [
+            q["question"]
+            for s in ("train2014", "val2014", "test2015")
+            if s in questions
+            for q in questions[s]
+        ]
+        if vg_questions is not None:
+            texts += [q["question"] for q in vg_questions]
+        _save_npy(out_dir / "tfidf.npy", tfidf_init(texts, dictionary, glove_path, fix_idf))
+        embeddings = {
+            "glove": {
+                "file": "glove.npy",
+                "source": _source(glove_path),
+                "dim": int(weights.shape[1]),
+                "words_found": hits,
+            },
+            "tfidf": {"file": "tfidf.npy", "fix_idf": fix_idf, "texts": len(texts)},
+        }
+        say(f"GloVe: {hits} of {len(dictionary)} words found")
+
+    sources = {f"{s} questions": _source(p) for s, p in found["questions"].items()}
+    sources.update({f"{s} annotations": _source(p) for s, p in found["annotations"].items()})
+    sources["features"] = [_source(p) for p in found["features"]]
+    if vg_questions is not None:
+        sources.update({k: _source(p) for k, p in found["vg"].items()})
+    manifest = {
+        "format": FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "raw_dir": str(raw_dir),
+        "sources": sources,
+        "options": {
+            "min_answer_count": min_answer_count,
+            "answer_splits": answer_splits,
+            "max_length": max_length,
+            "release_unk": release_unk,
+            "normalize_human_answers": normalize_human_answers,
+            "fix_idf": fix_idf,
+            "use_vg": use_vg,
+            "fp16": fp16,
+            "allow_missing_features": allow_missing_features,
+        },
+        "max_length": max_length,
+        "dictionary": {
+            "file": "dictionary.json",
+            "words": len(dictionary),
+            "padding_idx": dictionary.padding_idx,
+            "unknown": "release" if release_unk else "<unk>",
+        },
+        "answers": {"file": "answers.json", "count": len(answers)},
+        "feature_dim": feature_dim,
+        "features": feature_info,
+        "splits": split_info,
+        "embeddings": embeddings,
+        "visual_genome": vg_info,
+    }
+    _write_json(out_dir / "manifest.json", manifest)
+    return out_dir
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: prepare the data first with `ban data prepare RAW --out DATA`"
+        )
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def load_prepared(data_dir: str | Path, split: str, in_memory: bool = False) -> VQADataset:
+    """The :class:`~ban.data.vqa.VQADataset` of a prepared split (``+`` joins several:
+    ``"train2014+vg_train2014"``)."""
+    read_manifest(data_dir)
+    return VQADataset(data_dir, split, in_memory=in_memory)
+
+
+def load_dictionary(data_dir: str | Path) -> Dictionary:
+    return Dictionary.load(Path(data_dir) / "dictionary.json")
+
+
+def load_answers(data_dir: str | Path) -> list[str]:
+    return json.loads((Path(data_dir) / "answers.json").read_text(encoding="utf-8"))
+
+
+def load_embeddings(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(glove [V, D], tfidf [V, D])`` float32, or None when no GloVe file was prepared."""
+    data_dir = Path(data_dir)
+    if not (data_dir / "glove.npy").is_file():
+        return None
+    return np.load(data_dir / "glove.npy"), np.load(data_dir / "tfidf.npy")

@@ -1,0 +1,397 @@
+"""VQA v2: question and annotation files, the official answer normalisation, the answer
+vocabulary, soft scores, the official accuracy, ``VQADataset`` and ``collate``."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from ban.data.features import FeatureStore
+
+# ----------------------------------------------------------------------------------------------
+# The official VQA evaluation's answer normalisation (vqaEval.py), quirks included.
+
+CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
+    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
+    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
+    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
+    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
+    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
+    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've",
+    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
+    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
+    "youre": "you're", "youve": "you've",
+}  # fmt: skip
+NUMBERS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}  # fmt: skip
+ARTICLES = {"a", "an", "the"}
+PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
+               "@", "`", ",", "?", "!"]  # fmt: skip
+# The official look-behind is written "(?!<=\d)", which is a look-ahead: kept as is.
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+
+
+def process_punctuation(text: str) -> str:
+    """The official ``processPunctuation``: drop or space out punctuation, strip periods."""
+    out = text
+    for p in PUNCTUATION:
+        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    # the official call passes re.UNICODE (32) as the *count* argument: at most 32 periods go
+    return _PERIOD_STRIP.sub("", out, 32)
+
+
+def process_digit_article(text: str) -> str:
+    """The official ``processDigitArticle``: lowercase, number words -> digits, drop articles,
+    restore contractions."""
+    words = [NUMBERS.get(w, w) for w in text.lower().split()]
+    words = [CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES]
+    return " ".join(words)
+
+
+def normalize_answer(answer: str) -> str:
+    """Answer normalisation of the release (``preprocess_answer``) = the official VQA eval's
+    punctuation and digit/article processing, then commas removed.
+
+    >>> normalize_answer("Two"), normalize_answer("a dog"), normalize_answer("yes.")
+    ('2', 'dog', 'yes')
+    """
+    return process_digit_article(process_punctuation(answer)).replace(",", "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores
+
+
+def soft_score(count: int) -> float:
+    """Score of an answer given by ``count`` of the 10 humans: 0, .3, .6, .9, 1 for 0..>=4.
+
+    With 10 answers this equals the official metric exactly (``min(1, matches / 3)`` averaged
+    over the 10 leave-one-out subsets of 9 answers).
+    """
+    return (0.0, 0.3, 0.6, 0.9)[count] if count < 4 else 1.0
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """The official VQA accuracy of one prediction against the human answers (vqaEval.py).
+
+    The prediction is stripped of newlines and tabs; when the human answers disagree, they get
+    the punctuation processing and the prediction the punctuation and digit/article processing
+    (as in the official code); then ``min(1, matches among the other answers / 3)`` is averaged
+    over the leave-one-out subsets.
+    """
+    prediction = prediction.replace("\n", " ").replace("\t", " ").strip()
+    answers = list(answers)
+    if not answers:
+        raise ValueError("vqa_accuracy: no human answers")
+    if len(set(answers)) > 1:
+        answers = [process_punctuation(a) for a in answers]
+        prediction = process_digit_article(process_punctuation(prediction))
+    total = 0.0
+    for i in range(len(answers)):
+        matches = sum(1 for j, a in enumerate(answers) if j != i and a == prediction)
+        total += min(1.0, matches / 3)
+    return total / len(answers)
+
+
+def answer_scores(
+    answers: Sequence[str], ans2label: dict[str, int], normalize: bool = False
+) -> tuple[list[int], list[float]]:
+    """Labels and soft scores of the in-vocabulary answers among the human answers.
+
+    ``normalize=False`` matches the raw human answers, as the release does (some credit is lost);
+    ``normalize=True`` normalises each answer first.
+    """
+    counts: dict[str, int] = {}
+    for answer in answers:
+        key = normalize_answer(answer) if normalize else answer
+        counts[key] = counts.get(key, 0) + 1
+    labels, scores = [], []
+    for answer, count in counts.items():
+        if answer in ans2label:
+            labels.append(ans2label[answer])
+            scores.append(soft_score(count))
+    return labels, scores
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def read_json(path: str | Path, key: str) -> list[dict]:
+    """``json[key]`` of a VQA file, as a list; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: corrupt JSON ({error})") from None
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise ValueError(f"{path}: expected a JSON object with a list under {key!r}")
+    return data[key]
+
+
+def _check(record: dict, fields: dict[str, type], path: Path, row: int) -> None:
+    for field, kind in fields.items():
+        if not isinstance(record, dict) or field not in record:
+            raise ValueError(f"{path}: record {row}: missing field {field!r}")
+        if not isinstance(record[field], kind) or isinstance(record[field], bool):
+            raise ValueError(
+                f"{path}: record {row} (question_id {record.get('question_id')}): field "
+                f"{field!r} should be {kind.__name__}, got {type(record[field]).__name__}"
+            )
+
+
+def load_questions(path: str | Path) -> list[dict]:
+    """Questions of a ``v2_OpenEnded_mscoco_<split>_questions.json`` file.
+
+    Each has ``question_id``, ``image_id`` (int) and ``question`` (non-empty str).
+    """
+    path = Path(path)
+    questions = read_json(path, "questions")
+    seen = set()
+    for row, q in enumerate(questions):
+        _check(q, {"question_id": int, "image_id": int, "question": str}, path, row)
+        if not q["question"].strip():
+            raise ValueError(
+                f"{path}: record {row} (question_id {q['question_id']}): field 'question' is empty"
+            )
+        if q["question_id"] in seen:
+            raise ValueError(f"{path}: question_id {q['question_id']} appears twice")
+        seen.add(q["question_id"])
+    return questions
+
+
+def load_annotations(path: str | Path) -> dict[int, dict]:
+    """Annotations of a ``v2_mscoco_<split>_annotations.json`` file, by question id.
+
+    Each has ``question_id``, ``image_id``, ``answers`` (list of ``{"answer": str, ...}``),
+    ``multiple_choice_answer``, ``answer_type`` and ``question_type``.
+    """
+    path = Path(path)
+    fields = {
+        "question_id": int,
+        "image_id": int,
+        "answers": list,
+        "multiple_choice_answer": str,
+        "answer_type": str,
+        "question_type": str,
+    }
+    out = {}
+    for row, a in enumerate(read_json(path, "annotations")):
+        _check(a, fields, path, row)
+        for k, ans in enumerate(a["answers"]):
+            if not isinstance(ans, dict) or not isinstance(ans.get("answer"), str):
+                raise ValueError(
+                    f"{path}: record {row} (question_id {a['question_id']}): "
+                    f"answers[{k}] has no string 'answer'"
+                )
+        out[a["question_id"]] = a
+    return out
+
+
+def match_annotations(
+    questions: list[dict], annotations: dict[int, dict], questions_path, annotations_path
+) -> None:
+    """Every question has an annotation on the same image and vice versa, or ValueError."""
+    qids = {q["question_id"] for q in questions}
+    for q in questions:
+        a = annotations.get(q["question_id"])
+        if a is None:
+            raise ValueError(
+                f"{annotations_path}: no annotation for question_id "
+                f"{q['question_id']} of {questions_path}"
+            )
+        if a["image_id"] != q["image_id"]:
+            raise ValueError(
+                f"question_id {q['question_id']}: image_id {q['image_id']} in "
+                f"{questions_path} but {a['image_id']} in {annotations_path}"
+            )
+    extra = [qid for qid in annotations if qid not in qids]
+    if extra:
+        raise ValueError(
+            f"{annotations_path}: {len(extra)} annotations have no question in "
+            f"{questions_path} (first: question_id {extra[0]})"
+        )
+
+
+def answer_vocabulary(annotations: Iterable[dict], min_count: int = 9) -> list[str]:
+    """Normalised ``multiple_choice_answer`` values given for at least ``min_count`` distinct
+    questions (3129 answers over VQA v2 train+val at 9), in order of first occurrence."""
+    questions: dict[str, set[int]] = {}
+    for a in annotations:
+        questions.setdefault(normalize_answer(a["multiple_choice_answer"]), set()).add(
+            a["question_id"]
+        )
+    return [answer for answer, qids in questions.items() if len(qids) >= min_count]
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"not found: {path}")
+    entries = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_no}: corrupt JSON line ({error})") from None
+    return entries
+
+
+class VQADataset(Dataset):
+    """Questions of one or more prepared splits with lazily read region features.
+
+    ``split`` may join several with ``+`` (``"train2014+vg_train2014"``). Item ``i`` is a dict:
+    ``features [n, Dv]`` float32, ``spatials [n, 6]`` float32, ``question [T]`` int64,
+    ``target [A]`` float32 (absent on splits without answers), ``question_id``, ``image_id``,
+    ``answer_type``, ``question_type`` (None when unknown).
+    """
+
+    def __init__(self, data_dir: str | Path, split: str, in_memory: bool = False) -> None:
+        self.data_dir = Path(data_dir)
+        manifest_path = self.data_dir / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(
+                f"{manifest_path} not found: prepare the data first with "
+                "`ban data prepare RAW --out DATA`"
+            )
+        self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        self.answers: list[str] = json.loads(
+            (self.data_dir / "answers.json").read_text(encoding="utf-8")
+        )
+        self.splits = split.split("+")
+        known = self.manifest["splits"]
+        self.entries: list[dict] = []
+        self._store_of: list[int] = []
+        self.stores: list[FeatureStore] = []
+        stores: dict[str, int] = {}
+        self.has_target = True
+        for name in self.splits:
+            if name not in known:
+                raise ValueError(
+                    f"split {name!r} is not in {manifest_path}; prepared splits: {', '.join(known)}"
+                )
+            info = known[name]
+            if info["features"] not in stores:
+                stores[info["features"]] = len(self.stores)
+                self.stores.append(FeatureStore(self.data_dir / info["features"], in_memory))
+            entries = read_jsonl(self.data_dir / info["file"])
+            self.entries.extend(entries)
+            self._store_of.extend([stores[info["features"]]] * len(entries))
+            self.has_target &= bool(info["answers"])
+        self.max_length = int(self.manifest["max_length"])
+
+    @property
+    def num_answers(self) -> int:
+        return len(self.answers)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        entry = self.entries[index]
+        features, spatials = self.stores[self._store_of[index]][entry["image_id"]]
+        item = {
+            "features": torch.from_numpy(features),
+            "spatials": torch.from_numpy(spatials),
+            "question": torch.tensor(entry["tokens"], dtype=torch.int64),
+            "question_id": entry["question_id"],
+            "image_id": entry["image_id"],
+            "answer_type": entry.get("answer_type"),
+            "question_type": entry.get("question_type"),
+        }
+        if self.has_target:
+            target = torch.zeros(len(self.answers), dtype=torch.float32)
+            if entry.get("labels"):
+                target[torch.tensor(entry["labels"])] = torch.tensor(
+                    entry["scores"], dtype=torch.float32
+                )
+            item["target"] = target
+        return item
+
+    def annotations(self) -> dict[int, dict]:
+        """Per question id: ``answers`` (the human answers), ``answer_type``, ``question_type``,
+        for the official evaluation (entries without answers are left out)."""
+        return {
+            e["question_id"]: {k: e.get(k) for k in ("answers", "answer_type", "question_type")}
+            for e in self.entries
+            if e.get("answers")
+        }
+
+
+def collate(samples: list[dict]) -> dict:
+    """Batch dict of docs/DESIGN.md: box counts padded with zero rows to the batch maximum.
+
+    ``features [B, N, Dv]``, ``spatials [B, N, 6]``, ``box_mask [B, N]`` bool (True = real box),
+    ``question [B, T]`` int64, ``target [B, A]`` (when the samples have one), lists
+    ``question_id`` and ``image_id``.
+    """
+    if not samples:
+        raise ValueError("collate: empty batch")
+    n = max(s["features"].shape[0] for s in samples)
+    b, dv = len(samples), samples[0]["features"].shape[1]
+    features = torch.zeros(b, n, dv, dtype=torch.float32)
+    spatials = torch.zeros(b, n, samples[0]["spatials"].shape[1], dtype=torch.float32)
+    box_mask = torch.zeros(b, n, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        k = s["features"].shape[0]
+        features[i, :k] = s["features"]
+        spatials[i, :k] = s["spatials"]
+        box_mask[i, :k] = True
+    batch = {
+        "features": features,
+        "spatials": spatials,
+        "box_mask": box_mask,
+        "question": torch.stack([s["question"] for s in samples]),
+        "question_id": [s["question_id"] for s in samples],
+        "image_id": [s["image_id"] for s in samples],
+    }
+    if samples[0].get("target") is not None:
+        batch["target"] = torch.stack([s["target"] for s in samples])
+    return batch

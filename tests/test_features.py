@@ -1,0 +1,151 @@
+import base64
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ban.data.features import (
+    FeatureStore,
+    Region,
+    convert_features,
+    encode_row,
+    read_tsv,
+    write_tsv,
+)
+
+DIM = 16
+
+
+def _b64(array):
+    return base64.b64encode(array.tobytes()).decode("ascii")
+
+
+def make_regions(ids=(11, 12, 13, 14), boxes=(5, 3, 5, 7), seed=0):
+    rng = np.random.default_rng(seed)
+    regions = []
+    for image_id, n in zip(ids, boxes, strict=True):
+        w, h = 640.0, 480.0
+        x1 = rng.uniform(0, w / 2, n)
+        y1 = rng.uniform(0, h / 2, n)
+        b = np.stack([x1, y1, x1 + rng.uniform(1, w / 2, n), y1 + rng.uniform(1, h / 2, n)], 1)
+        f = rng.standard_normal((n, DIM)).astype(np.float32)
+        regions.append(Region(image_id, w, h, b.astype(np.float32), f))
+    return regions
+
+
+def spatial_reference(boxes, w, h):
+    x1, y1, x2, y2 = boxes.T.astype(np.float64)
+    return np.stack([x1 / w, y1 / h, x2 / w, y2 / h, (x2 - x1) / w, (y2 - y1) / h], 1)
+
+
+def test_tsv_line_is_the_bottom_up_format(tmp_path):
+    r = make_regions()[1]
+    fields = encode_row(r).rstrip("\n").split("\t")
+    assert fields[:4] == ["12", "640", "480", "3"]
+    boxes = np.frombuffer(base64.b64decode(fields[4]), dtype=np.float32).reshape(3, 4)
+    np.testing.assert_array_equal(boxes, r.boxes)
+    write_tsv(tmp_path / "a.tsv", [r])
+    (back,) = list(read_tsv(tmp_path / "a.tsv"))
+    np.testing.assert_array_equal(back.features, r.features)
+    assert (back.image_id, back.width, back.height) == (12, 640.0, 480.0)
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_tsv_to_hdf5_round_trip(tmp_path, fp16):
+    regions = make_regions()
+    write_tsv(tmp_path / "a.tsv.0", regions[:2])
+    write_tsv(tmp_path / "b.tsv", regions[2:])
+    info = convert_features(
+        [tmp_path / "a.tsv.0", tmp_path / "b.tsv"], tmp_path / "f.h5", fp16=fp16, progress=False
+    )
+    assert info == {"images": 4, "boxes": 20, "missing": []}
+    with h5py.File(tmp_path / "f.h5") as f:
+        assert f["image_features"].dtype == (np.float16 if fp16 else np.float32)
+        assert f["image_features"].shape == (20, DIM) and f["image_features"].maxshape[0] is None
+        np.testing.assert_array_equal(f["pos_boxes"][()], [[0, 5], [5, 8], [8, 13], [13, 20]])
+        np.testing.assert_array_equal(f["image_ids"][()], [11, 12, 13, 14])
+        np.testing.assert_array_equal(f["image_size"][()], [[640, 480]] * 4)
+    store = FeatureStore(tmp_path / "f.h5")
+    assert len(store) == 4 and 13 in store and 99 not in store
+    for r in regions:
+        features, spatials = store[r.image_id]
+        assert features.dtype == np.float32 and spatials.shape == (len(r.boxes), 6)
+        expected = r.features.astype(np.float16).astype(np.float32) if fp16 else r.features
+        np.testing.assert_array_equal(features, expected)
+        np.testing.assert_allclose(
+            spatials, spatial_reference(r.boxes, r.width, r.height), rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_array_equal(store.boxes(r.image_id), r.boxes)
+    with pytest.raises(KeyError, match="image_id 99"):
+        store[99]
+
+
+def test_image_id_filter_reports_missing(tmp_path):
+    write_tsv(tmp_path / "a.tsv", make_regions())
+    info = convert_features(
+        tmp_path / "a.tsv", tmp_path / "f.h5", image_ids=[12, 14, 77], progress=False
+    )
+    assert info == {"images": 2, "boxes": 10, "missing": [77]}
+    assert FeatureStore(tmp_path / "f.h5").image_ids() == [12, 14]
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda f: f[:4] + [f[4][:-7] + "!!"] + f[5:], "field 'boxes' is not valid base64"),
+        (lambda f: f[:5] + [_b64(np.zeros(7, np.float32))], "field 'features' holds 7 floats"),
+        (lambda f: f[:5] + [f[5][:-8]], "field 'features' has 315 bytes"),
+        (lambda f: f[:3] + ["x"] + f[4:], "field 'num_boxes' is not a number"),
+        (lambda f: f[:5], "expected 6 tab-separated fields"),
+    ],
+)
+def test_corrupt_row_names_file_line_and_image(tmp_path, corrupt, message):
+    regions = make_regions()
+    lines = [encode_row(r) for r in regions]
+    fields = lines[2].rstrip("\n").split("\t")
+    lines[2] = "\t".join(corrupt(fields)) + "\n"
+    (tmp_path / "bad.tsv").write_text("".join(lines))
+    out = tmp_path / "out" / "f.h5"
+    with pytest.raises(ValueError, match=r"bad.tsv:3 \(image_id 13\)") as error:
+        convert_features(tmp_path / "bad.tsv", out, progress=False)
+    assert message in str(error.value)
+    assert list(out.parent.iterdir()) == []  # no half file, no temporary left
+
+
+def test_different_feature_sizes_are_an_error(tmp_path):
+    a, b = make_regions()[:2]
+    b.features = b.features[:, :8].copy()
+    write_tsv(tmp_path / "a.tsv", [a, b])
+    with pytest.raises(ValueError, match="image_id 12: 8-d features"):
+        convert_features(tmp_path / "a.tsv", tmp_path / "f.h5", progress=False)
+    assert not (tmp_path / "f.h5").exists()
+
+
+class _Items(Dataset):
+    def __init__(self, store, ids):
+        self.store, self.ids = store, ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        features, _ = self.store[self.ids[i]]
+        return torch.from_numpy(features).sum(0)
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_store_is_lazy_and_works_in_dataloader_workers(tmp_path, in_memory):
+    regions = make_regions()
+    write_tsv(tmp_path / "a.tsv", regions)
+    convert_features(tmp_path / "a.tsv", tmp_path / "f.h5", progress=False)
+    store = FeatureStore(tmp_path / "f.h5", in_memory=in_memory)
+    ids = [r.image_id for r in regions] * 3
+    assert len(store) == 4
+    assert store._file is None  # nothing held open by the main process
+    loader = DataLoader(_Items(store, ids), batch_size=2, num_workers=2)
+    got = torch.cat(list(loader))
+    expected = torch.stack([torch.from_numpy(r.features).sum(0) for r in regions] * 3)
+    torch.testing.assert_close(got, expected)
+    assert store._file is None
