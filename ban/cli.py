@@ -39,7 +39,7 @@ def _add_convert_official(commands) -> None:
         "convert-official", help="convert an original-release checkpoint to this project's format"
     )
     p.add_argument("input", help="a .pth file of the original release")
-    p.add_argument("output", help="directory to write (config.json, vocab, model.safetensors)")
+    p.add_argument("output", help="the .safetensors file to write")
     p.add_argument("--dictionary", help="the release's dictionary.pkl (word list)")
     p.add_argument("--label2ans", help="the release's trainval_label2ans.pkl (answer list)")
     p.set_defaults(func=_run_convert_official)
@@ -55,6 +55,192 @@ def _run_convert_official(args) -> int:
     return 0
 
 
+def _add_train(commands) -> None:
+    p = commands.add_parser(
+        "train",
+        help="train (and evaluate) a model; no arguments: ban-small on the built-in benchmark",
+        description="Configuration: --preset, then --config YAML, then flags and --set; "
+        "the resolved config is saved in the run directory. Under torchrun every process runs "
+        "this command.",
+    )
+    p.add_argument("--preset", help="training preset: ban-small (default), ban-8-vqa")
+    p.add_argument("--config", help="YAML file of training settings (may name a `preset:`)")
+    p.add_argument("--task", choices=["vqa"], help="the task (grounding comes later)")
+    p.add_argument("--data", help="prepared data directory (default: the built-in benchmark)")
+    p.add_argument("--train-splits", nargs="+", help="splits to train on (e.g. train2014 val2014)")
+    p.add_argument("--eval-split", help="split to evaluate on each epoch ('none' for none)")
+    p.add_argument("--model", help="model preset (see `ban info --list`)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch (all processes together)")
+    p.add_argument("--lr", type=float, help="base learning rate (before the warm-up factors)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--amp", choices=["bf16", "fp16"], help="mixed-precision autocast")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    p.add_argument("--num-workers", type=int, help="DataLoader worker processes")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any training setting, or model.FIELD for the model (YAML values): "
+        "--set model.glimpses=4 --set lr_decay_epochs=[10,12]",
+    )
+    p.add_argument("--out", help="run directory (default: runs/<model>-<date>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (resumable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    import yaml
+
+    from ban import configs, engine
+
+    runtime = {"device": args.device, "num_workers": args.num_workers, "compile": args.compile}
+    flags = {
+        "task": args.task,
+        "data": args.data,
+        "train_splits": args.train_splits,
+        "model": args.model,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "grad_accum": args.grad_accum,
+        "amp": args.amp,
+    }
+    if args.eval_split is not None:
+        flags["eval_split"] = None if args.eval_split.lower() == "none" else args.eval_split
+    flags = {k: v for k, v in flags.items() if v is not None}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        flags[key.strip()] = yaml.safe_load(value)
+    if args.resume:
+        if args.preset or args.config or flags or args.out:
+            raise ValueError("--resume takes the run's own config; drop the other settings")
+        config = engine.resume_config(args.resume, runtime)
+        run_dir = args.resume
+    else:
+        flags.update({k: v for k, v in runtime.items() if v is not None})
+        config = configs.resolve(args.preset, args.config, flags)
+        run_dir = args.out or engine.default_run_dir(config)
+    result = engine.train(
+        config,
+        run_dir,
+        resume=bool(args.resume),
+        max_steps=args.max_steps,
+        progress=not args.quiet,
+        argv=sys.argv,
+    )
+    if result.report is not None:
+        print(engine.format_report(result.report))
+    if result.status != "finished":
+        p = result.progress
+        print(
+            f"stopped at epoch {p.epoch + 1}, step {p.step_in_epoch}; continue with "
+            f"`ban train --resume {result.run_dir}`",
+            file=sys.stderr,
+        )
+    print(f"run directory: {result.run_dir}")
+    return 128 + result.signal if result.signal else 0
+
+
+def _add_evaluate(commands) -> None:
+    p = commands.add_parser(
+        "evaluate", help="official VQA accuracy of a checkpoint on a prepared split"
+    )
+    p.add_argument("checkpoint", help="a .safetensors file, a run directory, or a release .pth")
+    p.add_argument("--data", help="prepared data directory (default: the run's, or the benchmark)")
+    p.add_argument("--split", default="val2014", help="split to evaluate (default: val2014)")
+    p.add_argument("--out", help="directory for report.json and predictions.jsonl")
+    p.add_argument("--submission", help="also write the VQA server's JSON (question_id, answer)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--top-k", type=int, default=1, help="answers per question in predictions")
+    p.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
+    p.add_argument("--amp", choices=["bf16", "fp16"], help="mixed-precision autocast")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--dictionary", help="release checkpoints: the release's dictionary.pkl")
+    p.add_argument("--label2ans", help="release checkpoints: trainval_label2ans.pkl")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    import json
+    from pathlib import Path
+
+    from ban import engine
+
+    path, run_config = engine.resolve_checkpoint(args.checkpoint)
+    device = engine.resolve_device(args.device)
+    data = engine.resolve_data(args.data or (run_config.data if run_config else None))
+    model = engine.load_checkpoint(path, device, args.dictionary, args.label2ans)
+    report, rows = engine.evaluate(
+        model,
+        data,
+        args.split,
+        batch_size=args.batch_size,
+        device=device,
+        amp=args.amp,
+        num_workers=args.num_workers,
+        top_k=args.top_k,
+        progress=True,
+    )
+    report["checkpoint"] = str(path)
+    out = Path(args.out) if args.out else path.parent / f"eval-{args.split}"
+    out.mkdir(parents=True, exist_ok=True)
+    engine.atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    engine.write_predictions(rows, out / "predictions.jsonl")
+    print(engine.format_report(report))
+    print(f"wrote {out / 'report.json'} and {out / 'predictions.jsonl'}")
+    if args.submission:
+        engine.write_submission(rows, args.submission)
+        print(f"wrote {args.submission} ({len(rows)} answers)")
+    return 0
+
+
+def _add_predict(commands) -> None:
+    p = commands.add_parser("predict", help="answer a question about an image of a prepared set")
+    p.add_argument("checkpoint", help="a .safetensors file, a run directory, or a release .pth")
+    p.add_argument("--image-id", type=int, required=True, help="an image of the data directory")
+    p.add_argument("--question", required=True)
+    p.add_argument("--data", help="prepared data directory (default: the run's, or the benchmark)")
+    p.add_argument("--top-k", type=int, default=5, help="answers to show")
+    p.add_argument("--boxes", type=int, default=3, help="most attended boxes to show per glimpse")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cpu)", default="cpu")
+    p.add_argument("--dictionary", help="release checkpoints: the release's dictionary.pkl")
+    p.add_argument("--label2ans", help="release checkpoints: trainval_label2ans.pkl")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args) -> int:
+    import json
+
+    from ban import engine
+    from ban.predict import Predictor
+
+    path, run_config = engine.resolve_checkpoint(args.checkpoint)
+    model = engine.load_checkpoint(path, args.device, args.dictionary, args.label2ans)
+    data = args.data or (run_config.data if run_config else None)
+    predictor = Predictor(model, data=data, device=args.device)
+    result = predictor(args.question, args.image_id, top_k=args.top_k, top_boxes=args.boxes)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    print(f"Q: {args.question}   (read as: {' '.join(result.tokens)})")
+    for answer, score in result.answers:
+        print(f"  {score:6.3f}  {answer}")
+    for g, boxes in enumerate(result.boxes):
+        shown = ", ".join(f"#{b.index} {b.box} ({b.weight:.2f})" for b in boxes)
+        print(f"  glimpse {g + 1}: {shown}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ban", description="Bilinear Attention Networks for VQA and phrase grounding"
@@ -62,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_info(commands)
     _add_convert_official(commands)
+    _add_train(commands)
+    _add_evaluate(commands)
+    _add_predict(commands)
     data = commands.add_parser("data", help="prepare datasets").add_subparsers(
         dest="data_command", required=True
     )
@@ -71,6 +260,124 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_data_commands(data) -> None:
     """`ban data ...`: registered by ban/data modules' parser functions below."""
+    p = data.add_parser(
+        "convert-features", help="bottom-up-attention TSV files -> one HDF5 feature file"
+    )
+    p.add_argument("tsv", nargs="+", help="TSV files (image_id, image_w, image_h, num_boxes, ...)")
+    p.add_argument("--out", required=True, help="the .h5 file to write")
+    p.add_argument("--image-ids", help="keep only the image ids listed in this file (one a line)")
+    p.add_argument("--fp16", action="store_true", help="store the features as float16")
+    p.set_defaults(func=_run_convert_features)
+
+    p = data.add_parser(
+        "prepare", help="raw VQA v2 / features / GloVe / Visual Genome files -> a data directory"
+    )
+    p.add_argument("raw", help="the raw folder (layout: docs/data.md)")
+    p.add_argument("--out", required=True, help="the prepared data directory to write")
+    p.add_argument("--splits", nargs="+", help="VQA splits (default: those present in RAW)")
+    p.add_argument("--min-answer-count", type=int, default=9, help="answer vocabulary threshold")
+    p.add_argument("--glove", help="GloVe text file (default: RAW/glove/glove.*.txt)")
+    p.add_argument(
+        "--release-unk",
+        action="store_true",
+        help="no <unk> token: unknown words -> the last word, as the release",
+    )
+    p.add_argument(
+        "--normalize-human-answers",
+        action="store_true",
+        help="normalise each human answer before scoring (the release does not)",
+    )
+    p.add_argument(
+        "--fix-idf",
+        action="store_true",
+        help="fix the release's IDF indexing bug in the tf-idf embedding init",
+    )
+    p.add_argument("--no-vg", action="store_true", help="ignore Visual Genome QA in RAW/vg")
+    p.add_argument("--fp16", action="store_true", help="store the features as float16")
+    p.add_argument(
+        "--allow-missing-features",
+        action="store_true",
+        help="drop questions whose image has no features instead of failing",
+    )
+    p.set_defaults(func=_run_prepare)
+
+    p = data.add_parser(
+        "synth", help="generate the built-in scene benchmark (raw files in the real formats)"
+    )
+    p.add_argument("--out", required=True, help="the raw folder to write")
+    p.add_argument("--train-images", type=int, help="train2014 images (default 4000)")
+    p.add_argument("--val-images", type=int, help="val2014 images (default 1000)")
+    p.add_argument("--test-images", type=int, help="test2015 images (default 250; test-dev: half)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same bytes")
+    p.add_argument("--feature-dim", type=int, help="region feature size (default 128; real: 2048)")
+    p.add_argument("--boxes", default="36", help="boxes per image: a number or 'adaptive' (10-100)")
+    p.add_argument("--no-images", action="store_true", help="skip the PNG images")
+    p.add_argument("--workers", type=int, help="processes (default: the CPU count)")
+    p.set_defaults(func=_run_synth)
+
+
+def _run_convert_features(args) -> int:
+    from pathlib import Path
+
+    from ban.data.features import convert_features
+
+    ids = None
+    if args.image_ids:
+        ids = [int(line) for line in Path(args.image_ids).read_text().split() if line]
+    info = convert_features(args.tsv, args.out, image_ids=ids, fp16=args.fp16)
+    print(f"wrote {args.out}: {info['images']} images, {info['boxes']} boxes")
+    if info["missing"]:
+        print(
+            f"{len(info['missing'])} requested image ids not found, first: {info['missing'][:10]}"
+        )
+    return 0
+
+
+def _run_prepare(args) -> int:
+    from ban.data.prepare import prepare
+
+    out = prepare(
+        args.raw,
+        args.out,
+        splits=args.splits,
+        min_answer_count=args.min_answer_count,
+        glove=args.glove,
+        release_unk=args.release_unk,
+        normalize_human_answers=args.normalize_human_answers,
+        fix_idf=args.fix_idf,
+        use_vg=not args.no_vg,
+        fp16=args.fp16,
+        allow_missing_features=args.allow_missing_features,
+    )
+    print(f"prepared {out}")
+    return 0
+
+
+def _run_synth(args) -> int:
+    import time
+
+    from ban.data.scenes import generate
+
+    if args.boxes != "adaptive" and not args.boxes.isdigit():
+        raise ValueError(f"--boxes: expected a number or 'adaptive', got {args.boxes!r}")
+    start = time.perf_counter()
+    sizes = {
+        "train_images": args.train_images,
+        "val_images": args.val_images,
+        "test_images": args.test_images,
+        "feature_dim": args.feature_dim,
+    }
+    out = generate(
+        args.out,
+        seed=args.seed,
+        adaptive=args.boxes == "adaptive",
+        num_boxes=36 if args.boxes == "adaptive" else int(args.boxes),
+        images=not args.no_images,
+        workers=args.workers,
+        **{name: value for name, value in sizes.items() if value is not None},
+    )
+    print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

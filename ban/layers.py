@@ -30,6 +30,8 @@ class WeightNormLinear(nn.Module):
         self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
         self.weight_g = nn.Parameter(torch.empty(()))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self._cached_weight: torch.Tensor | None = None
+        self._cache_key: tuple | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -42,14 +44,30 @@ class WeightNormLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The effective weight `[out, in]`."""
-        return self.weight_v * (self.weight_g / self.weight_v.norm())
+        """The effective weight `[out, in]`.
+
+        Without autograd (inference) it is computed once and reused until `weight_v` or
+        `weight_g` change (in-place updates bump their version counters) or move.
+        """
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return weight_norm(self.weight_v, self.weight_g)
+        v, g = self.weight_v, self.weight_g
+        key = (v._version, g._version, v.device, v.dtype, v.data_ptr(), g.data_ptr())
+        if key != self._cache_key:
+            self._cached_weight = weight_norm(v, g)
+            self._cache_key = key
+        return self._cached_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def weight_norm(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """`g * v / ||v||_F` with one scalar gain for the whole tensor (weight_norm with dim=None)."""
+    return v * (g / v.norm())
 
 
 class FCNet(nn.Module):
@@ -113,7 +131,7 @@ class BilinearAttentionMap(nn.Module):
     @property
     def h_mat(self) -> torch.Tensor:
         """The glimpse vectors p_g, `[G, HK]`."""
-        return self.h_mat_v * (self.h_mat_g / self.h_mat_v.norm())
+        return weight_norm(self.h_mat_v, self.h_mat_g)
 
     def logits(self, v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """Unmasked bilinear logits (Eq. 4).

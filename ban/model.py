@@ -227,16 +227,20 @@ class BAN(nn.Module):
         x = self.encode_question(q)  # X0 [B, T, H]
         maps, logits = self.attention(v, x, box_mask, question_mask)  # [B, G, N, T], from X0
         if c.counter:
-            boxes = b[:, :, :4].transpose(1, 2)  # [B, 4, N]
-            # The counter reads the pre-softmax logits, maximised over tokens.
-            box_attention = logits.max(dim=3).values  # [B, G, N]
+            # The counter reads the pre-softmax logits, maximised over tokens. It has no
+            # per-glimpse weights, so all G glimpses are counted in one call.
+            batch, glimpses, boxes = logits.shape[:3]
+            box_attention = logits.max(dim=3).values.reshape(batch * glimpses, boxes)
+            corners = b[:, None, :, :4].expand(-1, glimpses, -1, -1).reshape(-1, boxes, 4)
+            counts = self.counter(corners.transpose(1, 2), box_attention)
+            counts = counts.view(batch, glimpses, -1)  # [B, G, objects + 1]
 
         joint = []  # the per-glimpse terms, for the 'sum' and 'concat' ablations
         for g in range(c.glimpses):
             # Residual: glimpse g pools with the updated X_g; sum/concat leave X at X0.
             term = self.question_projections[g](self.pooling[g](v, x, maps[:, g]))  # P_g(f_g)
             if c.counter:
-                term = term + self.count_projections[g](self.counter(boxes, box_attention[:, g]))
+                term = term + self.count_projections[g](counts[:, g])  # C_g(count_g)
             if c.fusion == "residual":
                 x = x + term.unsqueeze(1)  # Eq. 6: added to every token
             else:

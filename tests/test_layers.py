@@ -88,3 +88,21 @@ def test_pooling_matches_eq5(rank):
                 expected[b] += v_[b, n] * attention[b, n, t] * q_[b, t]
     expected = expected.view(2, 4, rank).sum(dim=2)  # sum-pooling over groups of K
     assert torch.allclose(layer(v, q, attention), expected, atol=1e-5)
+
+
+def test_inference_weight_cache_follows_updates():
+    layer = WeightNormLinear(4, 3)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        first = layer(x)
+        assert layer(x) is not first and torch.equal(layer(x), first)
+        layer.weight_g.mul_(2)  # an in-place update (as an optimizer step makes) is seen
+        assert torch.allclose(layer(x) - layer.bias, 2 * (first - layer.bias), atol=1e-6)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        expected = x @ (layer.weight_g * layer.weight_v / layer.weight_v.norm()).t() + layer.bias
+        assert torch.allclose(layer(x), expected, atol=1e-6)
+        layer.load_state_dict({k: torch.ones_like(v) for k, v in layer.state_dict().items()})
+        assert torch.allclose(layer(x), x @ (torch.ones(3, 4) / 12**0.5).t() + 1, atol=1e-6)

@@ -1,0 +1,725 @@
+"""The built-in scene benchmark: synthetic scenes written in the real file formats.
+
+`generate(out_dir)` writes a RAW directory (docs/DESIGN.md) that the real pipelines read like the
+real datasets: VQA v2 question and annotation JSON, bottom-up-attention TSV features, Flickr30k
+Entities sentences and annotations, plus PNG images and a `scenes.json` with the ground truth.
+`default_benchmark()` generates the default size once into a cache directory and
+`default_prepared()` prepares it once; that is what `ban train` uses when no data is given.
+
+Five question families (existence, counting 0-10, attribute query, spatial relation, comparison),
+each balanced by answer within each template so that a question-only model stays near chance.
+docs/benchmark.md describes the contents, the simulated detector and the sizes. The scenes, the
+renderer and the detector live in `ban.data.scene_world`.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import itertools
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import sys
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ban.data import scene_world as world
+from ban.data.scene_world import (
+    ATTRIBUTES,
+    MAX_OBJECTS,
+    VALUES,
+    Description,
+    Scene,
+    count,
+    describe,
+    phrase,
+)
+
+VERSION = "scenes-v1"
+DEFAULT_TRAIN_IMAGES = 4000
+DEFAULT_VAL_IMAGES = 1000
+DEFAULT_TEST_IMAGES = 250
+DEFAULT_FEATURE_DIM = 128
+DEFAULT_NUM_BOXES = 36
+CAPTIONS_PER_IMAGE = 5
+
+FAMILIES = ("existence", "counting", "attribute", "spatial", "comparison")
+ANSWER_TYPES = {
+    "existence": "yes/no",
+    "counting": "number",
+    "attribute": "other",
+    "spatial": "yes/no",
+    "comparison": "yes/no",
+}
+RELATIONS = ("left of", "right of", "above", "below")
+COMPARISONS = ("same color", "same shape", "more")
+MAX_COUNT = 10
+
+EXISTENCE_KINDS = [k for k in world.kinds(1, 3) if k not in (("size",), ("material",))]
+COUNTING_KINDS = world.kinds(1, 2)
+NUMBER_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
+
+# (split name, image id offset, has answers, Flickr30k split file)
+SPLITS = (
+    ("train2014", 1_000_000, True, "train"),
+    ("val2014", 2_000_000, True, "val"),
+    ("test2015", 3_000_000, False, "test"),
+)
+
+_INFO = {
+    "description": f"ban built-in scene benchmark ({VERSION}), in the VQA v2 format",
+    "url": "https://github.com/ban",
+    "version": "2.0",
+    "year": 2018,
+    "contributor": "ban",
+    "date_created": "2018-05-27 00:00:00",
+}
+_LICENSE = {
+    "url": "http://creativecommons.org/licenses/by/4.0/",
+    "name": "Creative Commons Attribution 4.0 International License",
+}
+
+
+@dataclass(frozen=True)
+class Question:
+    question_id: int
+    image_id: int
+    question: str
+    question_type: str
+    answer: str
+    family: str
+    key: str  # the template the answer is balanced within, e.g. "color" or "left of"
+
+    @property
+    def answer_type(self) -> str:
+        return ANSWER_TYPES[self.family]
+
+
+class _Balancer:
+    """Counts answers per (family, key) and proposes the least-seen answer first."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple, Counter] = defaultdict(Counter)
+
+    def order(self, family: str, key, answers, rnd: random.Random) -> list[str]:
+        seen = self.counts[family, key]
+        return sorted(answers, key=lambda a: (seen[a], rnd.random()))
+
+    def add(self, family: str, key, answer: str) -> None:
+        self.counts[family, key][answer] += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Question families. Each maker returns (question, question_type) or None when the scene cannot
+# give that answer for that key.
+
+
+def _existence(scene: Scene, rnd: random.Random, kind, answer: str):
+    if answer == "yes":
+        description = describe(rnd.choice(scene.objects), kind)
+    else:
+        absent = [
+            tuple(zip(kind, values, strict=True))
+            for values in itertools.product(*(VALUES[a] for a in kind))
+        ]
+        absent = [d for d in absent if count(scene, d) == 0]
+        if not absent:
+            return None
+        description = rnd.choice(absent)
+    if rnd.random() < 0.5:
+        return f"Is there a {phrase(description)}?", "is there a"
+    return f"Are there any {phrase(description, plural=True)}?", "are there any"
+
+
+def _counting_question(rnd: random.Random, description: Description):
+    words = phrase(description, plural=True)
+    template = rnd.choice(("How many {} are there?", "How many {} are in the picture?"))
+    return template.format(words), "how many"
+
+
+def _attribute(scene: Scene, rnd: random.Random, attribute: str, answer: str):
+    candidates = [i for i, o in enumerate(scene.objects) if o.value(attribute) == answer]
+    rnd.shuffle(candidates)
+    for i in candidates:
+        description = world.unique_description(scene, i, rnd, exclude=(attribute,))
+        if description:
+            return f"What {attribute} is the {phrase(description)}?", f"what {attribute} is the"
+    return None
+
+
+def _holds(scene: Scene, i: int, j: int, relation: str, margin: float = 8.0) -> bool | None:
+    """Whether object i is `relation` object j; None when their centres are too close to say."""
+    (xi, yi), (xj, yj) = scene.objects[i].center, scene.objects[j].center
+    difference = (xj - xi) if relation in ("left of", "right of") else (yj - yi)
+    if abs(difference) < margin:
+        return None
+    return (difference > 0) == (relation in ("left of", "above"))
+
+
+def _pairs(scene: Scene, rnd: random.Random, limit: int = 40) -> list[tuple[int, int]]:
+    pairs = list(itertools.permutations(range(len(scene.objects)), 2))
+    rnd.shuffle(pairs)
+    return pairs[:limit]
+
+
+def _spatial(scene: Scene, rnd: random.Random, relation: str, answer: str):
+    for i, j in _pairs(scene, rnd):
+        holds = _holds(scene, i, j, relation)
+        if holds is None:
+            continue
+        if holds != (answer == "yes"):
+            i, j = j, i
+        a = world.unique_description(scene, i, rnd)
+        b = a and world.unique_description(scene, j, rnd)
+        if b:
+            return f"Is the {phrase(a)} {relation} the {phrase(b)}?", "is the"
+    return None
+
+
+def _comparison(scene: Scene, rnd: random.Random, key: str, answer: str):
+    yes = answer == "yes"
+    if key == "more":
+        attribute = rnd.choice(ATTRIBUTES)
+        pairs = list(itertools.permutations(VALUES[attribute], 2))
+        rnd.shuffle(pairs)
+        for v1, v2 in pairs:
+            d1, d2 = ((attribute, v1),), ((attribute, v2),)
+            c1, c2 = count(scene, d1), count(scene, d2)
+            if max(c1, c2) > 0 and (c1 > c2) == yes:
+                p1, p2 = phrase(d1, plural=True), phrase(d2, plural=True)
+                return f"Are there more {p1} than {p2}?", "are there"
+        return None
+    attribute = key.split()[1]
+    for i, j in _pairs(scene, rnd):
+        same = scene.objects[i].value(attribute) == scene.objects[j].value(attribute)
+        if same != yes:
+            continue
+        a = world.unique_description(scene, i, rnd, exclude=(attribute,))
+        b = a and world.unique_description(scene, j, rnd, exclude=(attribute,))
+        if b:
+            return f"Is the {phrase(a)} the same {attribute} as the {phrase(b)}?", "is the"
+    return None
+
+
+_FAMILY_MAKERS: dict[str, tuple[list, Callable, Callable]] = {
+    # family: (keys, answers of a key, maker)
+    "existence": (EXISTENCE_KINDS, lambda key: ("yes", "no"), _existence),
+    "attribute": (list(ATTRIBUTES), lambda key: VALUES[key], _attribute),
+    "spatial": (list(RELATIONS), lambda key: ("yes", "no"), _spatial),
+    "comparison": (list(COMPARISONS), lambda key: ("yes", "no"), _comparison),
+}
+
+
+def _ask(family: str, scene: Scene, rnd: random.Random, balancer: _Balancer):
+    """One question of a family: a key (template) at random, and its least-seen answer that the
+    scene allows; the next key if the scene allows none. Returns (question, question_type,
+    answer, key) or None."""
+    keys, answers_of, make = _FAMILY_MAKERS[family]
+    for key in rnd.sample(keys, len(keys)):
+        for answer in balancer.order(family, key, answers_of(key), rnd):
+            made = make(scene, rnd, key, answer)
+            if made:
+                balancer.add(family, key, answer)
+                return (*made, answer, key)
+    return None
+
+
+def _human_answers(rnd: random.Random, question: Question) -> list[dict]:
+    """Ten annotators: most give the true answer, a few (0 to 3) slip."""
+    truth = question.answer
+    if question.family == "counting":
+        wrong = [str(max(0, int(truth) + d)) for d in (-1, 1) if int(truth) + d >= 0]
+    elif question.answer_type == "yes/no":
+        wrong = ["no" if truth == "yes" else "yes"]
+    else:
+        wrong = [v for v in VALUES[question.key] if v != truth]
+    slips = rnd.choices((0, 1, 2, 3), weights=(55, 25, 12, 8))[0]
+    answers = [(truth, "yes" if rnd.random() < 0.9 else "maybe") for _ in range(10 - slips)]
+    answers += [(rnd.choice(wrong), rnd.choice(("maybe", "no"))) for _ in range(slips)]
+    rnd.shuffle(answers)
+    return [
+        {"answer": a, "answer_confidence": c, "answer_id": i + 1}
+        for i, (a, c) in enumerate(answers)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Grounding captions (Flickr30k Entities markup)
+
+
+class _Chains:
+    """Entity chain ids of one image: one id per set of objects, shared across its captions.
+    Ids are image_id * 100 + k: unique over the dataset, whatever order images are made in."""
+
+    def __init__(self, image_id: int) -> None:
+        self.next_id = itertools.count(image_id * 100 + 1).__next__
+        self.ids: dict[frozenset, int] = {}
+        self.scene_id: int | None = None
+
+    def markup(self, entity: tuple[frozenset | None, str]) -> str:
+        """`[/EN#<id>/<type> words]` for (objects, words); objects None is the scene."""
+        objects, words = entity
+        if objects is None:
+            if self.scene_id is None:
+                self.scene_id = self.next_id()
+            return f"[/EN#{self.scene_id}/scene {words}]"
+        if objects not in self.ids:
+            self.ids[objects] = self.next_id()
+        return f"[/EN#{self.ids[objects]}/other {words}]"
+
+
+_GROUP_KINDS = world.kinds(1, 2)
+
+
+def _groups(scene: Scene) -> list[tuple[frozenset, Description]]:
+    """Sets of two or more objects that a description of one or two attributes names exactly."""
+    members: dict[Description, list[int]] = defaultdict(list)
+    for i, obj in enumerate(scene.objects):
+        descriptions = obj.descriptions
+        for kind in _GROUP_KINDS:
+            members[descriptions[kind]].append(i)
+    return [(frozenset(m), d) for d, m in members.items() if len(m) >= 2]
+
+
+def _captions(scene: Scene, rnd: random.Random, chains: _Chains, n: int) -> list[str]:
+    """n captions with phrases naming one object, a group of objects or the scene. A caption is a
+    template of entities (objects, words); chain ids are given only to captions that are kept."""
+    objects = scene.objects
+    groups = _groups(scene)
+
+    def single(i: int):
+        description = world.unique_description(scene, i, rnd)
+        if description is None:
+            return None
+        return frozenset([i]), f"{rnd.choice(('a', 'the'))} {phrase(description)}"
+
+    def group(members: frozenset, description: Description, article: bool = True):
+        words = f"{NUMBER_WORDS[len(members)]} {phrase(description, plural=True)}"
+        return members, f"the {words}" if article and rnd.random() < 0.5 else words
+
+    def the_scene():
+        return None, rnd.choice(("the picture", "the image", "the gray background"))
+
+    def relation():
+        i, j = rnd.sample(range(len(objects)), 2)
+        name = rnd.choice(RELATIONS)
+        holds = _holds(scene, i, j, name)
+        if holds is None:
+            return None
+        if not holds:
+            i, j = j, i
+        spoken = {"left of": "to the left of", "right of": "to the right of"}.get(name, name)
+        return "{} is " + spoken + " {} .", [single(i), single(j)]
+
+    def there_are():
+        if not groups:
+            return None
+        return "There are {} in {} .", [group(*rnd.choice(groups), article=False), the_scene()]
+
+    def both():
+        i = rnd.randrange(len(objects))
+        others = [g for g in groups if i not in g[0]]
+        if others and rnd.random() < 0.6:
+            second = group(*rnd.choice(others))
+        else:
+            second = single(rnd.choice([j for j in range(len(objects)) if j != i]))
+        return "{} and {} are on {} .", [single(i), second, the_scene()]
+
+    def near():
+        i, j = rnd.sample(range(len(objects)), 2)
+        (xi, yi), (xj, yj) = objects[i].center, objects[j].center
+        if (xi - xj) ** 2 + (yi - yj) ** 2 > 60**2:
+            return None
+        return "{} and {} are next to [/EN#0/notvisual each other] .", [single(i), single(j)]
+
+    overlapping = [
+        (j, i)  # j is drawn after i, so it is in front
+        for i, j in itertools.combinations(range(len(objects)), 2)
+        if world.intersection(objects[i].box, objects[j].box) > 0
+    ]
+
+    def in_front():
+        pairs = overlapping
+        if not pairs:
+            return None
+        i, j = rnd.choice(pairs)
+        return "{} is in front of {} .", [single(i), single(j)]
+
+    templates = (relation, there_are, both, near, in_front)
+    used: Counter = Counter()
+    captions: list[str] = []
+    for _ in range(n):
+        # The least-used template that this scene allows, so that captions vary.
+        order = sorted(templates, key=lambda t: (used[t], rnd.random()))
+        made = None
+        for template in order:
+            for _ in range(3):
+                made = template()
+                if made is not None and None not in made[1]:
+                    break
+                made = None
+            if made is not None:
+                used[template] += 1
+                break
+        if made is None:
+            break
+        caption = made[0].format(*(chains.markup(entity) for entity in made[1]))
+        # Capitalise the first word, inside the markup when the caption opens with a phrase.
+        at = caption.index(" ") + 1 if caption.startswith("[") else 0
+        captions.append(caption[:at] + caption[at].upper() + caption[at + 1 :])
+    return captions
+
+
+def _xml(scene: Scene, chains: _Chains) -> str:
+    """Flickr30k Entities XML: one <object> per mentioned object with the ids of every chain
+    that includes it, boxes 1-based inclusive; the scene chain has no box."""
+    lines = [
+        "<annotation>",
+        f"\t<filename>{scene.image_id}.png</filename>",
+        "\t<size>",
+        f"\t\t<width>{scene.width}</width>",
+        f"\t\t<height>{scene.height}</height>",
+        "\t\t<depth>3</depth>",
+        "\t</size>",
+    ]
+    for i, obj in enumerate(scene.objects):
+        names = sorted(chain for members, chain in chains.ids.items() if i in members)
+        if not names:
+            continue
+        x1, y1, x2, y2 = obj.box
+        lines.append("\t<object>")
+        lines += [f"\t\t<name>{name}</name>" for name in names]
+        lines += [
+            "\t\t<bndbox>",
+            f"\t\t\t<xmin>{x1 + 1}</xmin>",
+            f"\t\t\t<ymin>{y1 + 1}</ymin>",
+            f"\t\t\t<xmax>{x2}</xmax>",
+            f"\t\t\t<ymax>{y2}</ymax>",
+            "\t\t</bndbox>",
+            "\t</object>",
+        ]
+    if chains.scene_id is not None:
+        lines += [
+            "\t<object>",
+            f"\t\t<name>{chains.scene_id}</name>",
+            "\t\t<nobndbox>0</nobndbox>",
+            "\t\t<scene>1</scene>",
+            "\t</object>",
+        ]
+    lines.append("</annotation>")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a RAW directory
+
+
+def _b64(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array, dtype="<f4").tobytes()).decode("ascii")
+
+
+def _tsv_rows(encoder: world.FeatureEncoder, batch: list) -> str:
+    """Encode the features of a batch of (scene, proposals) at once and return their TSV rows:
+    image_id, image_w, image_h, num_boxes, base64 boxes, base64 features, with csv's CR LF line
+    ends as the bottom-up-attention writer produced them."""
+    if not batch:
+        return ""
+    proposals = [p for _, p in batch]
+    features = encoder.encode(
+        np.concatenate([p.latent for p in proposals]),
+        np.concatenate([p.hidden_noise for p in proposals]),
+        np.concatenate([p.output_noise for p in proposals]),
+    )
+    rows, start = [], 0
+    for scene, p in batch:
+        n = len(p.boxes)
+        row = [scene.image_id, scene.width, scene.height, n, _b64(p.boxes)]
+        row.append(_b64(features[start : start + n]))
+        start += n
+        rows.append("\t".join(map(str, row)) + "\r\n")
+    return "".join(rows)
+
+
+def _write_json(path: Path, data) -> None:
+    # json.dumps, unlike json.dump, runs the C encoder.
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+CHUNK = 250  # images made together; answers are balanced within each chunk
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    out: Path
+    split: str
+    split_index: int
+    offset: int
+    start: int
+    stop: int
+    seed: int
+    feature_dim: int
+    num_boxes: int | None  # None: adaptive
+    images: bool
+    captions_per_image: int
+
+
+@functools.cache
+def _encoder(dim: int) -> world.FeatureEncoder:
+    return world.FeatureEncoder(dim)
+
+
+def _make_chunk(chunk: _Chunk) -> tuple[list[Scene], list[Question], Path]:
+    """Images start..stop of a split: writes their PNGs, Flickr30k files and a part of the TSV;
+    returns the scenes, the questions and the TSV part's path. Chunks are independent, so they
+    can run in any order in any process."""
+    c = chunk
+    encoder = _encoder(c.feature_dim)
+    balancer = _Balancer()
+    scenes: list[Scene] = []
+    questions: list[Question] = []
+    pending: list[tuple[Scene, world.Proposals]] = []
+    flickr = c.out / "flickr30k"
+    for index in range(c.start, c.stop):
+        rnd = random.Random(f"ban-scenes/{c.seed}/{c.split}/{index}")
+        scene, asked = _scene_and_questions(rnd, c.offset + index + 1, balancer)
+        scenes.append(scene)
+        questions += asked
+        chains = _Chains(scene.image_id)
+        lines = _captions(scene, rnd, chains, c.captions_per_image)
+        (flickr / "Sentences" / f"{scene.image_id}.txt").write_text(
+            "".join(line + "\n" for line in lines), encoding="utf-8"
+        )
+        (flickr / "Annotations" / f"{scene.image_id}.xml").write_text(
+            _xml(scene, chains), encoding="utf-8"
+        )
+        if c.images:
+            world.render(scene, c.out / "images" / f"{scene.image_id}.png")
+        rng = np.random.default_rng([c.seed, c.split_index, index])
+        pending.append((scene, world.propose(scene, encoder, rng, c.num_boxes)))
+    part = c.out / "features" / f".{c.split}.{c.start:08d}.part"
+    part.write_text(_tsv_rows(encoder, pending), encoding="ascii", newline="")
+    return scenes, questions, part
+
+
+def generate(
+    out_dir: str | Path,
+    train_images: int = DEFAULT_TRAIN_IMAGES,
+    val_images: int = DEFAULT_VAL_IMAGES,
+    test_images: int = DEFAULT_TEST_IMAGES,
+    seed: int = 0,
+    feature_dim: int = DEFAULT_FEATURE_DIM,
+    adaptive: bool = False,
+    num_boxes: int = DEFAULT_NUM_BOXES,
+    images: bool = True,
+    captions_per_image: int = CAPTIONS_PER_IMAGE,
+    workers: int | None = None,
+) -> Path:
+    """Write a scene benchmark as a RAW directory (docs/DESIGN.md) and return its path.
+
+    Files: `v2_OpenEnded_mscoco_{train2014,val2014,test2015,test-dev2015}_questions.json`,
+    `v2_mscoco_{train2014,val2014}_annotations.json`, `features/scenes_<split>.tsv` (bottom-up TSV,
+    `num_boxes` boxes per image, or 10..100 with `adaptive`, features [n, feature_dim]),
+    `flickr30k/{Sentences,Annotations}/<image_id>.{txt,xml}` and `flickr30k/{train,val,test}.txt`
+    (the train2014, val2014 and test2015 images), `images/<image_id>.png` (unless
+    `images=False`) and `scenes.json` (ground truth: objects, question families). test-dev2015 is
+    the first half of test2015's images.
+
+    The same arguments give byte-identical files. `workers` processes (default: the CPU count,
+    at most 8) share the work without changing any byte.
+    """
+    if feature_dim < 1 or num_boxes < MAX_OBJECTS or min(train_images, val_images, test_images) < 0:
+        raise ValueError(
+            f"generate: expected feature_dim >= 1 (got {feature_dim}), num_boxes >= "
+            f"{MAX_OBJECTS} (got {num_boxes}) and image counts >= 0 (got {train_images}, "
+            f"{val_images}, {test_images})"
+        )
+    out = Path(out_dir)
+    for sub in ("features", "flickr30k/Sentences", "flickr30k/Annotations"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    if images:
+        (out / "images").mkdir(exist_ok=True)
+    sizes = {"train2014": train_images, "val2014": val_images, "test2015": test_images}
+    boxes = None if adaptive else num_boxes
+    chunks = [
+        _Chunk(
+            out,
+            split,
+            split_index,
+            offset,
+            start,
+            min(start + CHUNK, sizes[split]),
+            seed,
+            feature_dim,
+            boxes,
+            images,
+            captions_per_image,
+        )  # fmt: skip
+        for split_index, (split, offset, _, _) in enumerate(SPLITS)
+        for start in range(0, sizes[split], CHUNK)
+    ]
+    results = dict(zip(chunks, _run_chunks(chunks, workers), strict=True))
+
+    summary = {
+        "version": VERSION,
+        "options": {
+            "seed": seed,
+            "feature_dim": feature_dim,
+            "boxes": "adaptive" if adaptive else num_boxes,
+            "captions_per_image": captions_per_image,
+        },
+        "splits": {},
+    }
+    for split, _, answered, flickr_split in SPLITS:
+        parts = [results[c] for c in chunks if c.split == split]
+        scenes = [s for scenes, _, _ in parts for s in scenes]
+        questions = [q for _, qs, _ in parts for q in qs]
+        with open(out / "features" / f"scenes_{split}.tsv", "wb") as tsv:
+            for _, _, path in parts:
+                with open(path, "rb") as f:
+                    shutil.copyfileobj(f, tsv)
+                path.unlink()
+        _write_split(out, split, answered, questions, rnd_seed=f"ban-scenes/{seed}/{split}")
+        ids = "".join(f"{s.image_id}\n" for s in scenes)
+        (out / "flickr30k" / f"{flickr_split}.txt").write_text(ids, encoding="ascii")
+        summary["splits"][split] = {
+            "images": [s.to_json() for s in scenes],
+            "families": {str(q.question_id): q.family for q in questions},
+        }
+    _write_json(out / "scenes.json", summary)
+    return out
+
+
+def _run_chunks(chunks: list[_Chunk], workers: int | None) -> list:
+    """_make_chunk over the chunks, in forked worker processes on Linux (fork is cheap: nothing
+    is re-imported, and the workers touch only numpy and Pillow), else in this process."""
+    workers = min(workers or os.cpu_count() or 1, 8, len(chunks))
+    if workers <= 1 or not sys.platform.startswith("linux"):  # fork is safe on Linux only
+        return [_make_chunk(c) for c in chunks]
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        return list(pool.map(_make_chunk, chunks))
+
+
+def _scene_and_questions(
+    rnd: random.Random, image_id: int, balancer: _Balancer
+) -> tuple[Scene, list[Question]]:
+    """A scene and one question of each family it allows (question ids image_id * 1000 + k)."""
+    # The counting answer (0..10) is chosen first and that many matching objects are put in the
+    # scene, so that counts are balanced for every kind of description.
+    kind = rnd.choice(COUNTING_KINDS)
+    planted = tuple((a, rnd.choice(VALUES[a])) for a in kind)
+    answers = [str(c) for c in range(MAX_COUNT + 1)]
+    how_many = balancer.order("counting", kind, answers, rnd)[0]
+    balancer.add("counting", kind, how_many)
+    scene = world.sample_scene(rnd, image_id, planted, int(how_many))
+    questions = []
+    for family in FAMILIES:
+        if family == "counting":
+            made = (*_counting_question(rnd, planted), how_many, kind)
+        else:
+            made = _ask(family, scene, rnd, balancer)
+        if made:
+            text, question_type, answer, key = made
+            key = key if isinstance(key, str) else "+".join(key)
+            qid = image_id * 1000 + len(questions)
+            questions.append(Question(qid, image_id, text, question_type, answer, family, key))
+    return scene, questions
+
+
+def _write_split(
+    out: Path, split: str, answered: bool, questions: list[Question], rnd_seed: str
+) -> None:
+    def question_file(subtype: str, qs: list[Question]) -> None:
+        data = {
+            "info": _INFO,
+            "task_type": "Open-Ended",
+            "data_type": "mscoco",
+            "license": _LICENSE,
+            "data_subtype": subtype,
+            "questions": [
+                {"image_id": q.image_id, "question": q.question, "question_id": q.question_id}
+                for q in qs
+            ],
+        }
+        _write_json(out / f"v2_OpenEnded_mscoco_{subtype}_questions.json", data)
+
+    question_file(split, questions)
+    if split == "test2015":
+        image_ids = sorted({q.image_id for q in questions})
+        dev = set(image_ids[: (len(image_ids) + 1) // 2])
+        question_file("test-dev2015", [q for q in questions if q.image_id in dev])
+    if not answered:
+        return
+    rnd = random.Random(rnd_seed + "/annotators")
+    annotations = [
+        {
+            "question_type": q.question_type,
+            "multiple_choice_answer": q.answer,
+            "answers": _human_answers(rnd, q),
+            "image_id": q.image_id,
+            "answer_type": q.answer_type,
+            "question_id": q.question_id,
+        }
+        for q in questions
+    ]
+    data = {
+        "info": _INFO,
+        "license": _LICENSE,
+        "data_subtype": split,
+        "annotations": annotations,
+        "data_type": "mscoco",
+    }
+    _write_json(out / f"v2_mscoco_{split}_annotations.json", data)
+
+
+# ---------------------------------------------------------------------------------------------
+# The default benchmark, cached
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """Where cached benchmarks live: `cache_dir`, else $BAN_CACHE, else ~/.cache/ban."""
+    root = cache_dir or os.environ.get("BAN_CACHE") or "~/.cache/ban"
+    return Path(root).expanduser() / VERSION
+
+
+def _build_once(target: Path, build: Callable[[Path], object]) -> Path:
+    """Run `build(tmp)` into a temporary directory beside `target` and rename it into place, so
+    that `target` exists only complete; a concurrent builder that finishes first wins."""
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def default_benchmark(cache_dir: str | Path | None = None) -> Path:
+    """The default scene benchmark's RAW directory, generated on first use (a few seconds) into
+    `cache_root(cache_dir)/raw`."""
+    return _build_once(cache_root(cache_dir) / "raw", generate)
+
+
+def default_prepared(cache_dir: str | Path | None = None) -> Path:
+    """The default benchmark run through `ban.data.prepare.prepare` once; returns the prepared
+    data directory `cache_root(cache_dir)/prepared`."""
+    from ban.data.prepare import prepare
+
+    raw = default_benchmark(cache_dir)
+    return _build_once(cache_root(cache_dir) / "prepared", lambda tmp: prepare(raw, tmp))

@@ -1,0 +1,157 @@
+"""Answer questions about images of a prepared dataset: `ban.Predictor`.
+
+predictor = Predictor.from_checkpoint("runs/x/best.safetensors", data="DATA")
+result = predictor("how many cubes are there?", image_id=42)
+result.answers        # [("2", 0.93), ("3", 0.05), ...]   top-k answers, sigmoid scores
+result.boxes[g]       # the most attended boxes of glimpse g: index, x1 y1 x2 y2, weight
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ban.text import UNK, Dictionary
+
+
+@dataclass
+class AttendedBox:
+    index: int  # row of the box in the image's features
+    box: list[float]  # x1, y1, x2, y2 in pixels (normalised to [0, 1] when pixels are unknown)
+    weight: float  # attention mass of the box in this glimpse (summed over tokens)
+
+
+@dataclass
+class Prediction:
+    question: str
+    image_id: int
+    tokens: list[str]  # the question as the model reads it (unknown words shown as <unk>)
+    answers: list[tuple[str, float]]  # top-k (answer, sigmoid score), best first
+    boxes: list[list[AttendedBox]] = field(default_factory=list)  # per glimpse, best first
+
+    def to_dict(self) -> dict:
+        return {
+            "question": self.question,
+            "image_id": self.image_id,
+            "tokens": self.tokens,
+            "answers": [{"answer": a, "score": s} for a, s in self.answers],
+            "boxes": [[box.__dict__ for box in glimpse] for glimpse in self.boxes],
+        }
+
+
+class Predictor:
+    """A model plus the question dictionary and region features of one prepared directory."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        from ban.engine import resolve_data
+
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.data_dir = resolve_data(data)
+        words = model.vocabulary
+        if words is None:
+            words = Dictionary.load(self.data_dir / "dictionary.json").words
+        release_unk = "unknown_word_index" in getattr(model, "notes", {}) or UNK not in words
+        self.dictionary = Dictionary(words, release_unk=release_unk)
+        if len(self.dictionary) != model.config.vocab_size:
+            raise ValueError(
+                f"the model has {model.config.vocab_size} words, its dictionary {len(words)}"
+            )
+        self.answers = model.answers
+        if self.answers is None:
+            import json
+
+            self.answers = json.loads((self.data_dir / "answers.json").read_text())
+        if len(self.answers) != model.config.num_answers:
+            raise ValueError(
+                f"the model has {model.config.num_answers} answers, the answer list "
+                f"{len(self.answers)}"
+            )
+        self._stores = None
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        data: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        dictionary: str | os.PathLike | None = None,
+        label2ans: str | os.PathLike | None = None,
+    ) -> Predictor:
+        """Load this project's checkpoint, or one of the original release (through
+        `ban.load_official`, with its `dictionary.pkl` / `trainval_label2ans.pkl` when given)."""
+        from ban import checkpoint
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        if checkpoint.is_own_checkpoint(path):
+            model = checkpoint.load(path)
+        else:
+            from ban.official import load_official
+
+            model = load_official(path, dictionary=dictionary, label2ans=label2ans)
+        return cls(model, data=data, device=device)
+
+    def _features(self, image_id: int):
+        from ban.data.features import FeatureStore
+
+        if self._stores is None:
+            paths = sorted((self.data_dir / "features").glob("*.h5"))
+            self._stores = [FeatureStore(p) for p in paths]
+        for store in self._stores:
+            if image_id in store:
+                features, spatials = store[image_id]
+                boxes = store.boxes(image_id)
+                return features, spatials, boxes
+        names = ", ".join(s.path.name for s in self._stores) or "none"
+        raise KeyError(
+            f"image {image_id} is in none of the feature files of {self.data_dir} ({names})"
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self, question: str, image_id: int, top_k: int = 5, top_boxes: int = 3
+    ) -> Prediction:
+        """Answer `question` about image `image_id` of the prepared directory."""
+        features, spatials, pixel_boxes = self._features(int(image_id))
+        ids = self.dictionary.encode(question)
+        tokens = [
+            self.dictionary.words[i] if i != self.dictionary.unk_idx else UNK
+            for i in ids
+            if i != self.dictionary.padding_idx
+        ]
+        v = torch.from_numpy(features).unsqueeze(0).to(self.device)
+        b = torch.from_numpy(spatials).unsqueeze(0).to(self.device)
+        q = torch.tensor([ids], dtype=torch.int64, device=self.device)
+        out = self.model(v, b, q)
+        scores = torch.sigmoid(out.logits[0].float())
+        values, indices = scores.topk(min(top_k, scores.numel()))
+        answers = [
+            (self.answers[i], round(s, 6))
+            for i, s in zip(indices.tolist(), values.tolist(), strict=True)
+        ]
+        box_weights = out.attention[0].float().sum(dim=2)  # [G, N]: attention mass of each box
+        boxes = []
+        for weights in box_weights:
+            w, idx = weights.topk(min(top_boxes, weights.numel()))
+            boxes.append(
+                [
+                    AttendedBox(int(i), _round(pixel_boxes[i]), round(float(x), 6))
+                    for i, x in zip(idx.tolist(), w.tolist(), strict=True)
+                ]
+            )
+        return Prediction(question, int(image_id), tokens, answers, boxes)
+
+
+def _round(box: np.ndarray) -> list[float]:
+    return [round(float(x), 2) for x in box]

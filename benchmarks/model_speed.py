@@ -1,0 +1,184 @@
+"""Speed of BAN at the paper's size, against a re-statement of the original computation.
+
+    python benchmarks/model_speed.py                      # CPU, batch 32, fp32
+    python benchmarks/model_speed.py --device cuda --batch 256 --amp bf16 --compile
+
+Paper size: BAN-8, H 1280, 'c' embedding, 20k vocabulary, 36 boxes x 2048-d, 14 tokens, 3129
+answers, counter on. Prints examples/s, achieved GFLOP/s, model FLOP utilisation (MFU: achieved
+FLOP/s over the fp32 matrix-multiply peak measured in the same run) and the ratio to the original.
+
+FLOPs are counted analytically (`ban.flops_per_example`, 2 per multiply-add of every matrix
+product); a training step counts 3x the forward (the backward computes two products per forward
+product: gradients of inputs and of weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+import ban  # noqa: E402
+from original_ban import OriginalBAN  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, steps, warmup=2):
+    """Median seconds of `fn()` over `steps` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(device, dtype, size):
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = timed(lambda: a @ b, device, steps=5)
+    return 2 * size**3 / seconds
+
+
+def make_batch(config, batch, boxes, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.rand(batch, boxes, config.visual_dim, generator=gen)
+    corners = torch.rand(batch, boxes, 2, generator=gen) * 0.6
+    sizes = torch.rand(batch, boxes, 2, generator=gen) * 0.4 + 0.01
+    b = torch.cat([corners, corners + sizes, sizes], dim=2)
+    q = torch.randint(0, config.vocab_size, (batch, 14), generator=gen)
+    q[:, 10:] = config.vocab_size
+    target = (torch.rand(batch, config.num_answers, generator=gen) > 0.999).float()
+    return [t.to(device) for t in (v, b, q, target)]
+
+
+def logits_of(output):
+    return output.logits if isinstance(output, ban.BANOutput) else output[0]
+
+
+def train_step_fn(model, optimizer, inputs, amp):
+    v, b, q, target = inputs
+
+    def step():
+        with torch.autocast(v.device.type, dtype=amp, enabled=amp is not None):
+            logits = logits_of(model(v, b, q))
+        loss = F.binary_cross_entropy_with_logits(logits.float(), target) * target.shape[1]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        optimizer.step()
+
+    return step
+
+
+def infer_fn(model, inputs, amp):
+    v, b, q, _ = inputs
+
+    @torch.no_grad()
+    def run():
+        with torch.autocast(v.device.type, dtype=amp, enabled=amp is not None):
+            return logits_of(model(v, b, q))
+
+    return run
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--boxes", type=int, default=36)
+    parser.add_argument("--vocab", type=int, default=20000)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--amp", choices=["bf16", "fp16"], help="also measure autocast")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    parser.add_argument("--memory-batch", type=int, default=256, help="batch for peak memory")
+    parser.add_argument("--small", action="store_true", help="a tiny model, to try the script")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
+    torch.backends.cudnn.allow_tf32 = False
+    config = ban.preset("ban-8-vqa", vocab_size=args.vocab)
+    if args.small:
+        config = ban.preset("ban-small")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.amp]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"model: {config}\nbatch {args.batch}, {args.boxes} boxes, 14 tokens")
+
+    peak = matmul_peak(device, torch.float32, 4096 if device.type == "cpu" else 8192)
+    print(f"fp32 matmul peak: {peak / 1e9:,.0f} GFLOP/s")
+    if amp is not None:
+        half_peak = matmul_peak(device, amp, 4096 if device.type == "cpu" else 8192)
+        print(f"{args.amp} matmul peak: {half_peak / 1e9:,.0f} GFLOP/s")
+    forward_flops = ban.flops_per_example(config, boxes=args.boxes)
+    print(f"forward FLOPs per example: {forward_flops / 1e9:.3f} G (training step: 3x)")
+
+    ours = ban.BAN(config).to(device)
+    original = OriginalBAN.from_ban(ours.cpu()).to(device)
+    ours.to(device)
+    inputs = make_batch(config, args.batch, args.boxes, device)
+    with torch.no_grad():
+        a = logits_of(ours.eval()(*inputs[:3]))
+        b = logits_of(original.eval()(*inputs[:3]))
+    error = ((a - b).abs().max() / b.abs().max()).item()
+    print(f"max relative difference of the logits, ban vs original (eval): {error:.2e}")
+
+    variants = [("original", original, None, False), ("ban", ours, None, False)]
+    if amp is not None:
+        variants += [("original", original, amp, False), ("ban", ours, amp, False)]
+    if args.compile:
+        variants += [("ban", ours, amp, True)]
+    results = {}
+    print(f"\n{'model':<10}{'mode':<16}{'train ex/s':>12}{'MFU':>7}{'x orig':>8}"
+          f"{'infer ex/s':>12}{'MFU':>7}{'x orig':>8}")  # fmt: skip
+    for label, model, dtype, compiled in variants:
+        mode = ("bf16" if dtype is torch.bfloat16 else "fp16" if dtype else "fp32") + (
+            " compiled" if compiled else " eager"
+        )
+        runner = torch.compile(model) if compiled else model
+        optimizer = torch.optim.Adamax(model.parameters(), lr=1e-4)
+        model.train()
+        train_s = timed(train_step_fn(runner, optimizer, inputs, dtype), device, args.steps)
+        model.eval()
+        infer_s = timed(infer_fn(runner, inputs, dtype), device, args.steps)
+        train_rate, infer_rate = args.batch / train_s, args.batch / infer_s
+        results[(label, mode)] = (train_rate, infer_rate)
+        base = results.get(("original", mode.replace(" compiled", " eager")), results[("original", "fp32 eager")])
+        print(f"{label:<10}{mode:<16}{train_rate:>12,.1f}{3 * forward_flops * train_rate / peak:>7.2f}"
+              f"{train_rate / base[0]:>8.2f}{infer_rate:>12,.1f}{forward_flops * infer_rate / peak:>7.2f}"
+              f"{infer_rate / base[1]:>8.2f}")  # fmt: skip
+
+    single = make_batch(config, 1, args.boxes, device)
+    for label, model in (("original", original), ("ban", ours)):
+        latency = timed(infer_fn(model.eval(), single, None), device, max(args.steps, 10))
+        print(f"batch-1 latency, {label} fp32 eager: {latency * 1000:.1f} ms")
+
+    if device.type == "cuda":
+        big = make_batch(config, args.memory_batch, args.boxes, device)
+        for label, model in (("original", original), ("ban", ours)):
+            torch.cuda.reset_peak_memory_stats(device)
+            model.train()
+            train_step_fn(model, torch.optim.Adamax(model.parameters()), big, amp)()
+            sync(device)
+            peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
+            print(f"peak memory of a training step at batch {args.memory_batch}, {label}: {peak_mem:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
