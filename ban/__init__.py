@@ -7,6 +7,7 @@ The public API:
     out = model(v, b, q)                              # BANOutput(logits, attention, ...)
     ban.save(model, "model.safetensors"); model = ban.load("model.safetensors")
     model = ban.load_official("model_epoch12.pth")    # the original release's checkpoint
+    predictor = ban.Predictor.from_checkpoint("runs/RUN/best.safetensors", data="DATA")
 """
 
 from ban.checkpoint import load, save
@@ -22,6 +23,7 @@ from ban.model import (
     preset,
 )
 from ban.official import load_official
+from ban.predict import Predictor
 
 __version__ = "0.1.0"
 
@@ -31,6 +33,7 @@ __all__ = [
     "BANGrounding",
     "BANOutput",
     "PRESETS",
+    "Predictor",
     "build",
     "count_parameters",
     "flops_per_example",

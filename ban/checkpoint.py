@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from ban.files import atomic_write
 from ban.model import BAN, BANConfig, BANGrounding, build
 
 FORMAT = "ban-checkpoint/1"
@@ -36,20 +37,8 @@ def save(model: BAN | BANGrounding, path: str | os.PathLike, notes: dict | None 
         "notes": json.dumps(notes if notes is not None else getattr(model, "notes", {})),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
-
-
-def write_atomically(path: Path, write) -> None:
-    """Call `write(temporary_path)`, then rename the result onto `path`; no half file remains."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -97,12 +86,18 @@ def is_own_checkpoint(path: str | os.PathLike) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def load_any(path: str | os.PathLike, device: str | torch.device = "cpu") -> BAN | BANGrounding:
-    """Load either this project's checkpoint or one of the original release."""
+def load_any(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dictionary: str | os.PathLike | None = None,
+    label2ans: str | os.PathLike | None = None,
+) -> BAN | BANGrounding:
+    """Load either this project's checkpoint or one of the original release (`load_official`,
+    with the release's `dictionary.pkl` / `trainval_label2ans.pkl` when given)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if is_own_checkpoint(path):
         return load(path, device)
     from ban.official import load_official
 
-    return load_official(path, device=device)
+    return load_official(path, dictionary=dictionary, label2ans=label2ans, device=device)

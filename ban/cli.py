@@ -65,7 +65,18 @@ def _add_train(commands) -> None:
     )
     p.add_argument("--preset", help="training preset: ban-small (default), ban-8-vqa")
     p.add_argument("--config", help="YAML file of training settings (may name a `preset:`)")
-    p.add_argument("--task", choices=["vqa"], help="the task (grounding comes later)")
+    p.add_argument(
+        "--task",
+        choices=["vqa", "flickr"],
+        help="vqa, or flickr (phrase grounding; default preset ban-flickr-small)",
+    )
+    p.add_argument("--protocol", choices=["any", "merged"], help="flickr: box protocol (any)")
+    p.add_argument(
+        "--compat",
+        action="store_true",
+        default=None,
+        help="flickr: the release's phrase positions (first match, counted before commas)",
+    )
     p.add_argument("--data", help="prepared data directory (default: the built-in benchmark)")
     p.add_argument("--train-splits", nargs="+", help="splits to train on (e.g. train2014 val2014)")
     p.add_argument("--eval-split", help="split to evaluate on each epoch ('none' for none)")
@@ -111,6 +122,8 @@ def _run_train(args) -> int:
         "seed": args.seed,
         "grad_accum": args.grad_accum,
         "amp": args.amp,
+        "protocol": args.protocol,
+        "compat": args.compat,
     }
     if args.eval_split is not None:
         flags["eval_split"] = None if args.eval_split.lower() == "none" else args.eval_split
@@ -127,7 +140,8 @@ def _run_train(args) -> int:
         run_dir = args.resume
     else:
         flags.update({k: v for k, v in runtime.items() if v is not None})
-        config = configs.resolve(args.preset, args.config, flags)
+        preset = args.preset or ("ban-flickr-small" if args.task == "flickr" else None)
+        config = configs.resolve(preset, args.config, flags)
         run_dir = args.out or engine.default_run_dir(config)
     result = engine.train(
         config,
@@ -137,7 +151,11 @@ def _run_train(args) -> int:
         progress=not args.quiet,
         argv=sys.argv,
     )
-    if result.report is not None:
+    if result.report is not None and config.task == "flickr":
+        from ban.grounding import format_report
+
+        print(format_report(result.report))
+    elif result.report is not None:
         print(engine.format_report(result.report))
     if result.status != "finished":
         p = result.progress
@@ -156,7 +174,19 @@ def _add_evaluate(commands) -> None:
     )
     p.add_argument("checkpoint", help="a .safetensors file, a run directory, or a release .pth")
     p.add_argument("--data", help="prepared data directory (default: the run's, or the benchmark)")
-    p.add_argument("--split", default="val2014", help="split to evaluate (default: val2014)")
+    p.add_argument("--split", help="split to evaluate (default: val2014; flickr: val)")
+    p.add_argument(
+        "--task",
+        choices=["vqa", "flickr"],
+        help="default: flickr for a grounding checkpoint, else vqa",
+    )
+    p.add_argument("--protocol", choices=["any", "merged"], help="flickr: box protocol (any)")
+    p.add_argument(
+        "--compat",
+        action="store_true",
+        default=None,
+        help="flickr: the release's phrase positions (default: the run's setting)",
+    )
     p.add_argument("--out", help="directory for report.json and predictions.jsonl")
     p.add_argument("--submission", help="also write the VQA server's JSON (question_id, answer)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -166,6 +196,14 @@ def _add_evaluate(commands) -> None:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--dictionary", help="release checkpoints: the release's dictionary.pkl")
     p.add_argument("--label2ans", help="release checkpoints: trainval_label2ans.pkl")
+    p.add_argument(
+        "--gallery",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also draw N attention pictures (right and wrong answers) and accuracy by question "
+        "type, in OUT/gallery",
+    )
     p.set_defaults(func=_run_evaluate)
 
 
@@ -177,6 +215,9 @@ def _run_evaluate(args) -> int:
 
     path, run_config = engine.resolve_checkpoint(args.checkpoint)
     device = engine.resolve_device(args.device)
+    if args.task == "flickr" or (args.task is None and _is_grounding(path)):
+        return _evaluate_flickr(args, path, run_config, device)
+    args.split = args.split or "val2014"
     data = engine.resolve_data(args.data or (run_config.data if run_config else None))
     model = engine.load_checkpoint(path, device, args.dictionary, args.label2ans)
     report, rows = engine.evaluate(
@@ -200,6 +241,58 @@ def _run_evaluate(args) -> int:
     if args.submission:
         engine.write_submission(rows, args.submission)
         print(f"wrote {args.submission} ({len(rows)} answers)")
+    if args.gallery > 0:
+        from ban import viz
+        from ban.predict import Predictor
+
+        gallery = out / "gallery"
+        predictor = Predictor(model, data=data, device=device)
+        entries = engine.open_split(data, args.split).entries
+        paths = viz.gallery(predictor, rows, entries, gallery, args.gallery)
+        if "official" in report:
+            by_type = report["official"]["by_question_type"]
+            paths.append(viz.plot_accuracy_by_type(by_type, entries, gallery))
+        print(f"wrote {len(paths)} pictures in {gallery}")
+    return 0
+
+
+def _is_grounding(path) -> bool:
+    from ban import checkpoint
+
+    if not checkpoint.is_own_checkpoint(path):
+        return False
+    return checkpoint.read_metadata(path)["config"].get("task") == "grounding"
+
+
+def _evaluate_flickr(args, path, run_config, device) -> int:
+    """`ban evaluate --task flickr`: Recall@1/5/10, upper bound and per-type recall, named with
+    the protocol; report.json and one prediction line per phrase."""
+    import json
+    from pathlib import Path
+
+    from ban import checkpoint, engine, grounding
+
+    split = args.split or "val"
+    data = grounding.resolve_data(args.data or (run_config.data if run_config else None))
+    model = checkpoint.load_any(path, device)
+    protocol = args.protocol or (run_config.protocol if run_config else "any")
+    compat = args.compat if args.compat is not None else bool(run_config and run_config.compat)
+    report, rows = grounding.evaluate(
+        model,
+        data,
+        split,
+        protocol=protocol,
+        compat=compat,
+        batch_size=args.batch_size,
+        device=device,
+    )
+    report["checkpoint"] = str(path)
+    out = Path(args.out) if args.out else path.parent / f"eval-{split}-{protocol}"
+    out.mkdir(parents=True, exist_ok=True)
+    engine.atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    grounding.write_predictions(rows, out / "predictions.jsonl")
+    print(grounding.format_report(report))
+    print(f"wrote {out / 'report.json'} and {out / 'predictions.jsonl'}")
     return 0
 
 
@@ -241,6 +334,64 @@ def _run_predict(args) -> int:
     return 0
 
 
+def _add_visualize(commands) -> None:
+    p = commands.add_parser(
+        "visualize", help="a PNG of the attention: top boxes per glimpse, region x word maps"
+    )
+    p.add_argument("checkpoint", help="a .safetensors file or a run directory")
+    p.add_argument("--image-id", type=int, required=True, help="an image of the data directory")
+    p.add_argument("--question", required=True)
+    p.add_argument("--out", default="attention.png", help="the PNG to write")
+    p.add_argument("--data", help="prepared data directory (default: the run's, or the benchmark)")
+    p.add_argument("--images", help="folder of the pictures (default: RAW/images of the manifest)")
+    p.add_argument("--boxes", type=int, default=3, help="most attended boxes to draw per glimpse")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_run_visualize)
+
+
+def _run_visualize(args) -> int:
+    from ban import engine, viz
+    from ban.predict import Predictor
+
+    path, run_config = engine.resolve_checkpoint(args.checkpoint)
+    model = engine.load_checkpoint(path, args.device)
+    data = args.data or (run_config.data if run_config else None)
+    predictor = Predictor(model, data=data, device=args.device)
+    images = viz.ImageFolder.for_data(predictor.data_dir, args.images)
+    picture = viz.visualize(predictor, args.question, args.image_id, images, args.boxes)
+    picture.save(args.out)
+    print(f"wrote {args.out} ({picture.width} x {picture.height})")
+    return 0
+
+
+def _add_serve(commands) -> None:
+    p = commands.add_parser("serve", help="a web page and JSON API to ask questions (loopback)")
+    p.add_argument("checkpoint", help="a .safetensors file or a run directory")
+    p.add_argument("--data", help="prepared data directory (default: the run's, or the benchmark)")
+    p.add_argument("--images", help="folder of the pictures (default: RAW/images of the manifest)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no request log")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from ban import serve
+
+    app = serve.load_app(args.checkpoint, args.data, args.images, args.device)
+    server = serve.make_server(app, args.host, args.port, quiet=args.quiet)
+    host, port = server.server_address[:2]
+    print(f"serving {len(app.image_ids)} images on http://{host}:{port}/ (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ban", description="Bilinear Attention Networks for VQA and phrase grounding"
@@ -251,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_evaluate(commands)
     _add_predict(commands)
+    _add_visualize(commands)
+    _add_serve(commands)
     data = commands.add_parser("data", help="prepare datasets").add_subparsers(
         dest="data_command", required=True
     )

@@ -19,7 +19,7 @@ import yaml
 class TrainConfig:
     """One training run. Epochs are 0-indexed throughout, as in the release's `train.py`."""
 
-    task: str = "vqa"  # 'vqa'; 'flickr' (grounding) is planned
+    task: str = "vqa"  # 'vqa' or 'flickr' (phrase grounding, ban/grounding.py)
     model: str = "ban-small"  # a preset of ban.model.PRESETS
     model_overrides: dict[str, Any] = field(default_factory=dict)  # BANConfig fields
     data: str | None = None  # a prepared directory; None = the built-in benchmark
@@ -41,6 +41,8 @@ class TrainConfig:
     num_workers: int = 0
     eval_batch_size: int | None = None  # None = batch_size
     log_every: int = 50  # optimizer steps between JSONL step records
+    protocol: str = "any"  # flickr: 'any' (the release's) or 'merged' (one union box per phrase)
+    compat: bool = False  # flickr: the release's phrase positions (first match, before commas)
 
     def base_lr(self) -> float:
         """The base rate: explicit, or the release's rule (1e-3 train-only, 7e-4 train+val)."""
@@ -71,6 +73,25 @@ PRESETS: dict[str, TrainConfig] = {
         lr=2e-3,
         lr_warmup=[0.5, 1.0],
         lr_decay_epochs=[2],
+        log_every=10,
+    ),
+    # Flickr30k Entities with the release's recipe (the same schedule; select on val R@1).
+    "ban-flickr": TrainConfig(
+        task="flickr", model="ban-flickr", train_splits=["train"], eval_split="val"
+    ),
+    # The CPU default for grounding on the built-in benchmark: a small BANGrounding, the recipe
+    # compressed to five epochs.
+    "ban-flickr-small": TrainConfig(
+        task="flickr",
+        model="ban-flickr",
+        model_overrides={"embedding_dim": 64, "hidden": 128},
+        train_splits=["train"],
+        eval_split="val",
+        epochs=5,
+        batch_size=128,
+        lr=2e-3,
+        lr_warmup=[0.5, 1.0],
+        lr_decay_epochs=[3],
         log_every=10,
     ),
 }
@@ -124,6 +145,10 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         raise ValueError(f"{source}: {key} must be an integer, got {value!r}")
     if key == "amp" and value not in (None, "bf16", "fp16"):
         raise ValueError(f"{source}: amp must be bf16, fp16 or null, got {value!r}")
+    if key == "task" and value not in ("vqa", "flickr"):
+        raise ValueError(f"{source}: task must be vqa or flickr, got {value!r}")
+    if key == "protocol" and value not in ("any", "merged"):
+        raise ValueError(f"{source}: protocol must be any or merged, got {value!r}")
     return value
 
 

@@ -31,13 +31,12 @@ class PiecewiseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.abs()
         w = w / w.sum()
-        cumulative = w.cumsum(dim=0)
-        y = self.pieces * x
-        index = y.long()
-        fraction = y.frac()
-        # The sum of the whole segments left of x, plus the covered part of x's own segment.
-        left = cumulative[index.clamp(max=self.pieces)]
-        return left + fraction * w[(index + 1).clamp(max=self.pieces)]
+        # f(x) = sum_k w_k * (the covered fraction of segment k), for x in [0, 1]: equal to the
+        # original's cumulative-sum-and-gather form, but dense, so that its backward pass is a
+        # reduction rather than millions of scattered additions onto 17 weights.
+        starts = torch.arange(self.pieces, device=x.device, dtype=x.dtype)
+        covered = (self.pieces * x.unsqueeze(-1) - starts).clamp(0, 1)  # [..., pieces]
+        return covered @ w[1:].to(x.dtype)
 
 
 class Counter(nn.Module):
@@ -56,6 +55,8 @@ class Counter(nn.Module):
         super().__init__()
         self.objects = objects
         self.f = nn.ModuleList(PiecewiseLinear(16) for _ in range(16))
+        for unused in self.f[8:]:  # kept for the release's checkpoints; never trained
+            unused.weight.requires_grad_(False)
 
     def forward(self, boxes: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         count, confidence = self.count(boxes, attention)

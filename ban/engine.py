@@ -30,7 +30,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from ban import configs, metrics
 from ban.configs import TrainConfig
+from ban.files import atomic_write, atomic_write_text
 
 STATE_FILE = "state.pt"
 STATE_VERSION = 1
@@ -243,31 +244,6 @@ def epoch_batches(
 
 # --------------------------------------------------------------------------------------------
 # Files
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` and rename `tmp` to `path` once it is complete and synced: readers see the
-    old file or the new one, never a partial one. The temporary file is removed on failure."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def save_model(model: nn.Module, path: str | Path) -> None:
@@ -733,8 +709,16 @@ def train(
     stop after the current step, with a checkpoint. Under torchrun every process calls this;
     rank 0 writes the files.
     """
+    if config.task == "flickr":
+        if resume:
+            raise ValueError("--resume is not available for --task flickr yet")
+        from ban import grounding
+
+        result = grounding.train(config, run_dir, max_steps=max_steps, progress=progress, argv=argv)
+        progress_ = Progress(best_epoch=result.best_epoch)
+        return TrainResult(result.run_dir, result.status, progress_, result.report)
     if config.task != "vqa":
-        raise ValueError(f"task {config.task!r} is not available yet; expected 'vqa'")
+        raise ValueError(f"task {config.task!r} is not available; expected 'vqa' or 'flickr'")
     env = init_distributed(config.device)
     device = resolve_device(config.device, env)
     run_dir = Path(_gather(str(run_dir), env)[0])  # rank 0 names the run
@@ -785,11 +769,10 @@ def train(
     if env.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
+        # Every trainable parameter takes part in every step (the counter's unused maps are
+        # frozen), so DDP needs no search for unused parameters.
         module = DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            # the counter's piecewise-linear maps take part only for some attention values
-            find_unused_parameters=bool(getattr(model.config, "counter", False)),
+            model, device_ids=[device.index] if device.type == "cuda" else None
         )
     if config.compile:
         module = torch.compile(module)
@@ -1028,13 +1011,9 @@ def load_checkpoint(
     label2ans: str | Path | None = None,
 ) -> nn.Module:
     """This project's checkpoint, or the original release's (`ban.load_official`)."""
-    from ban import checkpoint
+    from ban.checkpoint import load_any
 
-    if checkpoint.is_own_checkpoint(path):
-        return checkpoint.load(path, device)
-    from ban.official import load_official
-
-    return load_official(path, dictionary=dictionary, label2ans=label2ans, device=device)
+    return load_any(path, device, dictionary=dictionary, label2ans=label2ans)
 
 
 def _local_batch(config: TrainConfig, env: DistEnv) -> tuple[int, int]:

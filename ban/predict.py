@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -90,19 +89,14 @@ class Predictor:
     ) -> Predictor:
         """Load this project's checkpoint, or one of the original release (through
         `ban.load_official`, with its `dictionary.pkl` / `trainval_label2ans.pkl` when given)."""
-        from ban import checkpoint
+        from ban.checkpoint import load_any
 
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        if checkpoint.is_own_checkpoint(path):
-            model = checkpoint.load(path)
-        else:
-            from ban.official import load_official
+        return cls(
+            load_any(path, dictionary=dictionary, label2ans=label2ans), data=data, device=device
+        )
 
-            model = load_official(path, dictionary=dictionary, label2ans=label2ans)
-        return cls(model, data=data, device=device)
-
-    def _features(self, image_id: int):
+    def region_features(self, image_id: int):
+        """`(features [n, Dv], spatials [n, 6], pixel boxes [n, 4])` of an image of the data."""
         from ban.data.features import FeatureStore
 
         if self._stores is None:
@@ -123,7 +117,7 @@ class Predictor:
         self, question: str, image_id: int, top_k: int = 5, top_boxes: int = 3
     ) -> Prediction:
         """Answer `question` about image `image_id` of the prepared directory."""
-        features, spatials, pixel_boxes = self._features(int(image_id))
+        features, spatials, pixel_boxes = self.region_features(int(image_id))
         ids = self.dictionary.encode(question)
         tokens = [
             self.dictionary.words[i] if i != self.dictionary.unk_idx else UNK

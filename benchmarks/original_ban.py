@@ -19,6 +19,37 @@ from ban.counting import Counter
 warnings.filterwarnings("ignore", message=".*weight_norm.*deprecated")
 
 
+class _OriginalPiecewiseLin(nn.Module):
+    """The release's piecewise-linear map: a cumulative sum gathered at the input's segment."""
+
+    def __init__(self, n=16):
+        super().__init__()
+        self.n = n
+        self.weight = nn.Parameter(torch.ones(n + 1))
+        self.weight.data[0] = 0
+
+    def forward(self, x):
+        w = self.weight.abs()
+        w = w / w.sum()
+        w = w.view([self.n + 1] + [1] * x.dim())
+        csum = w.cumsum(dim=0).expand((self.n + 1,) + tuple(x.size()))
+        w = w.expand_as(csum)
+        y = self.n * x.unsqueeze(0)
+        idx = y.long()
+        f = y.frac()
+        x = csum.gather(0, idx.clamp(max=self.n))
+        x = x + f * w.gather(0, (idx + 1).clamp(max=self.n))
+        return x.squeeze(0)
+
+
+class _OriginalCounter(Counter):
+    """The counting module with the release's piecewise-linear maps (same math, same keys)."""
+
+    def __init__(self, objects=10):
+        super().__init__(objects)
+        self.f = nn.ModuleList(_OriginalPiecewiseLin(16) for _ in range(16))
+
+
 def _fc(in_dim, out_dim, relu=True, dropout=0.0):
     layers = [nn.Dropout(dropout)] if dropout > 0 else []
     layers.append(weight_norm(nn.Linear(in_dim, out_dim), dim=None))
@@ -56,11 +87,17 @@ class OriginalBAN(nn.Module):
         self.emb = nn.Embedding(c.vocab_size + 1, c.embedding_dim, padding_idx=c.vocab_size)
         self.emb_ = nn.Embedding(c.vocab_size + 1, c.embedding_dim, padding_idx=c.vocab_size)
         self.rnn = nn.GRU(emb_in, c.hidden, batch_first=True)
-        self.v_att = weight_norm(_BCNet(c.visual_dim, c.hidden, c.hidden, c.glimpses, c.rank), "h_mat", dim=None)
-        self.b_net = nn.ModuleList(_BCNet(c.visual_dim, c.hidden, c.hidden, None, 1) for _ in range(c.glimpses))
-        self.q_prj = nn.ModuleList(_fc(c.hidden, c.hidden, relu=False, dropout=0.2) for _ in range(c.glimpses))
+        self.v_att = weight_norm(
+            _BCNet(c.visual_dim, c.hidden, c.hidden, c.glimpses, c.rank), "h_mat", dim=None
+        )
+        self.b_net = nn.ModuleList(
+            _BCNet(c.visual_dim, c.hidden, c.hidden, None, 1) for _ in range(c.glimpses)
+        )
+        self.q_prj = nn.ModuleList(
+            _fc(c.hidden, c.hidden, relu=False, dropout=0.2) for _ in range(c.glimpses)
+        )
         self.c_prj = nn.ModuleList(_fc(c.max_objects + 1, c.hidden) for _ in range(c.glimpses))
-        self.counter = Counter(c.max_objects)
+        self.counter = _OriginalCounter(c.max_objects)
         self.classifier = nn.Sequential(
             weight_norm(nn.Linear(c.hidden, 2 * c.hidden), dim=None), nn.ReLU(), nn.Dropout(0.5),
             weight_norm(nn.Linear(2 * c.hidden, c.num_answers), dim=None),
@@ -90,11 +127,17 @@ class OriginalBAN(nn.Module):
         """The same weights as a `ban.BAN` (fusion 'residual')."""
         original = cls(model.config)
         ours = model.state_dict()
-        mapping = {"emb.weight": "embedding.words.weight", "rnn.": "question_encoder.",
-                   "v_att.h_mat_g": "attention.h_mat_g", "v_att.h_bias": "attention.h_bias",
-                   "v_att.v_net.1.": "attention.v_net.linear.", "v_att.q_net.1.": "attention.q_net.linear.",
-                   "classifier.0.": "classifier.hidden.linear.", "classifier.3.": "classifier.output.",
-                   "counter.": "counter."}  # fmt: skip
+        mapping = {
+            "emb.weight": "embedding.words.weight",
+            "rnn.": "question_encoder.",
+            "v_att.h_mat_g": "attention.h_mat_g",
+            "v_att.h_bias": "attention.h_bias",
+            "v_att.v_net.1.": "attention.v_net.linear.",
+            "v_att.q_net.1.": "attention.q_net.linear.",
+            "classifier.0.": "classifier.hidden.linear.",
+            "classifier.3.": "classifier.output.",
+            "counter.": "counter.",
+        }
         if model.config.tfidf_embedding:
             mapping["emb_.weight"] = "embedding.tfidf.weight"
         for i in range(model.config.glimpses):

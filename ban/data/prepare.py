@@ -15,7 +15,6 @@ Prepared directory::
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +31,7 @@ from ban.data.vqa import (
     load_questions,
     match_annotations,
 )
+from ban.files import atomic_write, atomic_write_text
 from ban.text import MAX_LENGTH, Dictionary, read_glove, tfidf_init
 
 FORMAT = "ban-prepared-v1"
@@ -151,23 +151,19 @@ def _source(path: Path) -> dict:
 
 
 def _write_jsonl(path: Path, entries: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for e in entries:
-            f.write(json.dumps(e, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=1))
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append '.npy' to a name
+            np.save(f, array)
+
+    atomic_write(path, write)
 
 
 def prepare(
