@@ -125,9 +125,9 @@ def _run_train(args) -> int:
         "protocol": args.protocol,
         "compat": args.compat,
     }
-    if args.eval_split is not None:
-        flags["eval_split"] = None if args.eval_split.lower() == "none" else args.eval_split
     flags = {k: v for k, v in flags.items() if v is not None}
+    if args.eval_split is not None:  # after the filter: "none" sets None
+        flags["eval_split"] = None if args.eval_split.lower() == "none" else args.eval_split
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -299,7 +299,11 @@ def _evaluate_flickr(args, path, run_config, device) -> int:
 def _add_predict(commands) -> None:
     p = commands.add_parser("predict", help="answer a question about an image of a prepared set")
     p.add_argument("checkpoint", help="a .safetensors file, a run directory, or a release .pth")
-    p.add_argument("--image-id", type=int, required=True, help="an image of the data directory")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--image-id", type=int, help="an image of the data directory")
+    which.add_argument(
+        "--image", help="a new picture (data of `ban data from-images`: featurised alike)"
+    )
     p.add_argument("--question", required=True)
     p.add_argument("--data", help="prepared data directory (default: the run's, or the benchmark)")
     p.add_argument("--top-k", type=int, default=5, help="answers to show")
@@ -321,7 +325,8 @@ def _run_predict(args) -> int:
     model = engine.load_checkpoint(path, args.device, args.dictionary, args.label2ans)
     data = args.data or (run_config.data if run_config else None)
     predictor = Predictor(model, data=data, device=args.device)
-    result = predictor(args.question, args.image_id, top_k=args.top_k, top_boxes=args.boxes)
+    image_id = args.image_id if args.image is None else predictor.add_picture(args.image)
+    result = predictor(args.question, image_id, top_k=args.top_k, top_boxes=args.boxes)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -408,7 +413,66 @@ def build_parser() -> argparse.ArgumentParser:
         dest="data_command", required=True
     )
     _add_data_commands(data)
+    features = commands.add_parser("features", help="region features from pictures").add_subparsers(
+        dest="features_command", required=True
+    )
+    _add_features_commands(features)
     return parser
+
+
+def _add_image_options(p) -> None:
+    p.add_argument(
+        "--backbone",
+        default="efficientnet-lite0",
+        help="efficientnet-lite0 (pip install 'ban[images]'), or a network file (.pt2 of "
+        "torch.export, or TorchScript) mapping [B, 3, S, S] to [B, D, h, w] (docs/images.md)",
+    )
+    p.add_argument("--size", type=int, default=320, help="pictures are resized to SIZE x SIZE")
+    p.add_argument("--grid", type=int, default=7, help="GRID x GRID cells (regions) per picture")
+    p.add_argument("--batch-size", type=int, default=8, help="pictures per forward pass")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--fp16", action="store_true", help="store the features as float16")
+
+
+def _without_extra(function, *args, **kwargs):
+    """`function(...)`, with a missing optional package (`ban[images]`) as an error message."""
+    try:
+        return function(*args, **kwargs)
+    except ImportError as error:
+        raise ValueError(str(error)) from error
+
+
+def _add_features_commands(features) -> None:
+    p = features.add_parser(
+        "extract", help="a folder of pictures -> one HDF5 feature file (grid cells as regions)"
+    )
+    p.add_argument("--images", required=True, help="folder of pictures; id: last number in name")
+    p.add_argument("--out", required=True, help="the .h5 file to write")
+    _add_image_options(p)
+    p.set_defaults(func=_run_features_extract)
+
+
+def _run_features_extract(args) -> int:
+    from ban.images import extract_features
+
+    info = _without_extra(
+        extract_features,
+        args.images,
+        args.out,
+        backbone=args.backbone,
+        size=args.size,
+        grid=args.grid,
+        batch_size=args.batch_size,
+        device=args.device,
+        fp16=args.fp16,
+    )
+    for name, reason in info["skipped"]:
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    print(
+        f"wrote {args.out}: {info['images']} images, {info['boxes']} regions of "
+        f"{info['feature_dim']} features; {len(info['skipped'])} skipped"
+    )
+    return 0
 
 
 def _add_data_commands(data) -> None:
@@ -467,6 +531,55 @@ def _add_data_commands(data) -> None:
     p.add_argument("--no-images", action="store_true", help="skip the PNG images")
     p.add_argument("--workers", type=int, help="processes (default: the CPU count)")
     p.set_defaults(func=_run_synth)
+
+    p = data.add_parser(
+        "from-images", help="a folder of pictures + VQA v2 question/answer JSON -> a data directory"
+    )
+    p.add_argument("--images", required=True, help="folder of pictures; id: last number in name")
+    p.add_argument("--questions", required=True, help="questions JSON in VQA v2 form")
+    p.add_argument("--annotations", help="annotations (answers) JSON in VQA v2 form")
+    p.add_argument("--out", required=True, help="the prepared data directory to write")
+    p.add_argument("--split", default="train2014", choices=["train2014", "val2014"])
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="questions on the highest FRACTION of image ids form val2014 (train2014 only)",
+    )
+    p.add_argument("--min-answer-count", type=int, default=1, help="answer vocabulary threshold")
+    p.add_argument("--glove", help="GloVe text file for the word embedding init")
+    p.add_argument(
+        "--allow-missing-images",
+        action="store_true",
+        help="drop questions whose picture is absent or does not decode instead of failing",
+    )
+    _add_image_options(p)
+    p.set_defaults(func=_run_from_images)
+
+
+def _run_from_images(args) -> int:
+    from ban.data.from_images import from_images
+
+    out = _without_extra(
+        from_images,
+        args.images,
+        args.questions,
+        args.out,
+        args.annotations,
+        split=args.split,
+        val_fraction=args.val_fraction,
+        backbone=args.backbone,
+        size=args.size,
+        grid=args.grid,
+        batch_size=args.batch_size,
+        device=args.device,
+        min_answer_count=args.min_answer_count,
+        glove=args.glove,
+        fp16=args.fp16,
+        allow_missing_images=args.allow_missing_images,
+    )
+    print(f"prepared {out}")
+    return 0
 
 
 def _run_convert_features(args) -> int:

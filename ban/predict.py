@@ -77,6 +77,8 @@ class Predictor:
                 f"{len(self.answers)}"
             )
         self._stores = None
+        self._pictures: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._extractor = None
 
     @classmethod
     def from_checkpoint(
@@ -95,10 +97,29 @@ class Predictor:
             load_any(path, dictionary=dictionary, label2ans=label2ans), data=data, device=device
         )
 
+    def add_picture(self, picture, image_id: int | None = None) -> int:
+        """Featurise a new picture (a path or a PIL image) as the data's features were made
+        (`ban.images`; data of `ban data from-images`) and return the id to ask about
+        (default: -1, -2, ...)."""
+        from ban.data.features import spatial_features
+        from ban.images import data_extractor
+
+        if self._extractor is None:
+            self._extractor = data_extractor(self.data_dir, self.device)
+        region = self._extractor(picture)
+        if image_id is None:
+            image_id = -1 - len(self._pictures)
+        spatials = spatial_features(region.boxes, region.width, region.height)
+        self._pictures[int(image_id)] = (region.features, spatials, region.boxes)
+        return int(image_id)
+
     def region_features(self, image_id: int):
-        """`(features [n, Dv], spatials [n, 6], pixel boxes [n, 4])` of an image of the data."""
+        """`(features [n, Dv], spatials [n, 6], pixel boxes [n, 4])` of an image of the data
+        (or of a picture given to `add_picture`)."""
         from ban.data.features import FeatureStore
 
+        if image_id in self._pictures:
+            return self._pictures[image_id]
         if self._stores is None:
             paths = sorted((self.data_dir / "features").glob("*.h5"))
             self._stores = [FeatureStore(p) for p in paths]
