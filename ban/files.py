@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def read_json(path: str | os.PathLike):
+    """A JSON file's content; a missing, non-UTF-8 or corrupt file is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: corrupt JSON ({error})") from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

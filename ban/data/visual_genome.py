@@ -7,23 +7,15 @@ target is the single answer with score 1.0.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Container
 from pathlib import Path
 
 from ban.data.vqa import normalize_answer
+from ban.files import read_json
 
 
 def _read(path: Path) -> list:
-    if not path.is_file():
-        raise FileNotFoundError(f"not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: corrupt JSON ({error})") from None
+    data = read_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list")
     return data

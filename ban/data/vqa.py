@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from ban import files
 from ban.data.features import FeatureStore
 
 # ----------------------------------------------------------------------------------------------
@@ -154,16 +155,7 @@ def answer_scores(
 
 def read_json(path: str | Path, key: str) -> list[dict]:
     """``json[key]`` of a VQA file, as a list; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: corrupt JSON ({error})") from None
+    data = files.read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
         raise ValueError(f"{path}: expected a JSON object with a list under {key!r}")
     return data[key]
