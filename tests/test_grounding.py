@@ -57,7 +57,8 @@ def test_loss_is_bce_summed_over_real_phrases_divided_by_captions():
         for e in range(2)
         if mask[b, e]
     )
-    assert grounding.grounding_loss(scores, target, mask) == pytest.approx(expected / 3, rel=1e-5)
+    loss = grounding.grounding_loss(scores, target, mask).item()
+    assert loss == pytest.approx(expected.item() / 3, rel=1e-5)
     # a padded box (score -99, target 0) adds about nothing
     assert F.binary_cross_entropy_with_logits(torch.tensor(-99.0), torch.tensor(0.0)) < 1e-30
 
