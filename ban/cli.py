@@ -466,8 +466,7 @@ def _run_features_extract(args) -> int:
         device=args.device,
         fp16=args.fp16,
     )
-    for name, reason in info["skipped"]:
-        print(f"skipped {name}: {reason}", file=sys.stderr)
+    # each skipped picture has already been named in a warning by extract_features
     print(
         f"wrote {args.out}: {info['images']} images, {info['boxes']} regions of "
         f"{info['feature_dim']} features; {len(info['skipped'])} skipped"
