@@ -529,6 +529,24 @@ def _add_data_commands(data) -> None:
     p.add_argument("--boxes", default="36", help="boxes per image: a number or 'adaptive' (10-100)")
     p.add_argument("--no-images", action="store_true", help="skip the PNG images")
     p.add_argument("--workers", type=int, help="processes (default: the CPU count)")
+    p.add_argument(
+        "--features",
+        choices=("detector", "backbone"),
+        default="detector",
+        help="region features: the simulated detector (default), or grid cells of a picture "
+        "backbone run on the rendered PNGs (needs ban[images] for the default backbone)",
+    )
+    p.add_argument(
+        "--backbone",
+        help="with --features backbone: efficientnet-lite0 (default) or a network file "
+        "(.pt2 / TorchScript), as for `ban features extract`",
+    )
+    p.add_argument(
+        "--size", type=int, default=128, help="with --features backbone: input pixels (128)"
+    )
+    p.add_argument(
+        "--grid", type=int, default=4, help="with --features backbone: grid x grid regions (4)"
+    )
     p.set_defaults(func=_run_synth)
 
     p = data.add_parser(
@@ -639,6 +657,11 @@ def _run_synth(args) -> int:
         num_boxes=36 if args.boxes == "adaptive" else int(args.boxes),
         images=not args.no_images,
         workers=args.workers,
+        features=args.features,
+        backbone=args.backbone,
+        backbone_size=args.size,
+        grid=args.grid,
+        progress=args.features == "backbone",
         **{name: value for name, value in sizes.items() if value is not None},
     )
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s")

@@ -113,6 +113,10 @@ class Predictor:
         self._pictures[int(image_id)] = (region.features, spatials, region.boxes)
         return int(image_id)
 
+    def remove_picture(self, image_id: int) -> None:
+        """Forget a picture given to `add_picture` (nothing happens for an unknown id)."""
+        self._pictures.pop(int(image_id), None)
+
     def region_features(self, image_id: int):
         """`(features [n, Dv], spatials [n, 6], pixel boxes [n, 4])` of an image of the data
         (or of a picture given to `add_picture`)."""

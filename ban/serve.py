@@ -4,21 +4,27 @@
     server.serve_forever()
 
 GET  /                       the page (inline JS, no external resources)
-GET  /api/images             {"total", "offset", "images": [{"image_id", "url"}]}  ?offset=&limit=
-GET  /api/images/<id>.png    the picture of an image of the dataset (ids of the feature files only)
+GET  /api/images             {"total", "offset", "images": [{"image_id", "url"}], "uploads"}
+GET  /api/images/<id>.png    the picture of an image of the dataset, or of an upload (id < 0)
 POST /api/answer             {"image_id": int, "question": str, "top_k"?: int, "boxes"?: int}
+POST /api/pictures           raw image bytes (Content-Type image/...) -> {"image_id", "url", ...}
 GET  /openapi.json           the API description
 
 The model is loaded once; a lock queues the requests to it (the model runs one question at a time,
 the HTTP threads do the rest). Nothing from a request reaches the file system: image ids must be
 integers of the feature files, and pictures are found from the id by `ban.viz.ImageFolder`.
+Uploaded pictures are decoded and featurised in memory (`Predictor.add_picture`, with the backbone
+that made the data's features) and kept in memory, the last `MAX_UPLOADS` of them.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import threading
+import warnings
+from collections import OrderedDict
 from functools import lru_cache
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,7 +40,12 @@ MAX_QUESTION = 300  # characters of a question
 MAX_TOP_K = 20
 MAX_BOXES = 10
 MAX_LIMIT = 1000  # images per /api/images page
-_IMAGE_PATH = re.compile(r"/api/images/([0-9]{1,15})\.png")
+MAX_UPLOAD = 8 * 1024 * 1024  # bytes of an uploaded picture
+MAX_UPLOAD_PIXELS = 40_000_000  # width x height of an uploaded picture, before it is decoded
+MAX_UPLOAD_SIDE = 1280  # longer side, in pixels, an upload is scaled down to (boxes are in these)
+MAX_UPLOADS = 64  # uploaded pictures kept in memory; the oldest is forgotten
+_IMAGE_PATH = re.compile(r"/api/images/(-?[0-9]{1,15})\.png")
+_ID = re.compile(r"-?[0-9]{1,15}")
 
 
 class ApiError(Exception):
@@ -61,20 +72,82 @@ class App:
         self._known = frozenset(ids)
         self._lock = threading.Lock()
         self.png = lru_cache(maxsize=512)(self._png)
+        self.uploads: OrderedDict[int, bytes] = OrderedDict()  # id (< 0) -> PNG, oldest first
+        self._next_upload = -1
+        self.upload_refusal = _upload_refusal(predictor.data_dir)
+
+    def is_upload(self, image_id: int) -> bool:
+        return image_id < 0 and image_id not in self._known
 
     def check_image(self, value) -> int:
-        if isinstance(value, str) and value.isdigit() and len(value) <= 15:
+        if isinstance(value, str) and _ID.fullmatch(value):
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ApiError(HTTPStatus.BAD_REQUEST, "image_id must be an integer id of the dataset")
+        if self.is_upload(value):
+            with self._lock:
+                if value in self.uploads:
+                    return value
+            raise ApiError(
+                HTTPStatus.NOT_FOUND,
+                f"unknown image: no uploaded picture {value} (the last {MAX_UPLOADS} are kept)",
+            )
         if value not in self._known:
             raise ApiError(HTTPStatus.NOT_FOUND, f"unknown image: no image {value} in the dataset")
         return value
+
+    def picture_png(self, image_id: int) -> bytes:
+        """The PNG of a checked id: an upload's from memory, else the dataset's (cached)."""
+        if self.is_upload(image_id):
+            with self._lock:
+                png = self.uploads.get(image_id)
+            if png is None:
+                raise ApiError(
+                    HTTPStatus.NOT_FOUND, f"unknown image: no uploaded picture {image_id}"
+                )
+            return png
+        return self.png(image_id)
 
     def _png(self, image_id: int) -> bytes:
         with self._lock:
             boxes = self.predictor.region_features(image_id)[2]
         return self.images.png_bytes(image_id, boxes)
+
+    def uploads_info(self) -> dict:
+        return {
+            "enabled": self.upload_refusal is None,
+            "max_bytes": MAX_UPLOAD,
+            "reason": self.upload_refusal,
+        }
+
+    def add_picture(self, body: bytes) -> dict:
+        """Decode an uploaded picture, featurise it like the data and keep it; its new id."""
+        if self.upload_refusal is not None:
+            raise ApiError(HTTPStatus.CONFLICT, self.upload_refusal)
+        picture = decode_picture(body)
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        with self._lock:
+            image_id = self._next_upload
+            while image_id in self._known:
+                image_id -= 1
+            try:
+                self.predictor.add_picture(picture, image_id=image_id)
+            except ValueError as error:  # e.g. the backbone file of the data is gone
+                raise ApiError(HTTPStatus.CONFLICT, f"cannot featurise uploads: {error}") from None
+            self._next_upload = image_id - 1
+            self.uploads[image_id] = buffer.getvalue()
+            while len(self.uploads) > MAX_UPLOADS:
+                old, _ = self.uploads.popitem(last=False)
+                self.predictor.remove_picture(old)
+            regions = len(self.predictor.region_features(image_id)[0])
+        return {
+            "image_id": image_id,
+            "url": f"/api/images/{image_id}.png",
+            "width": picture.width,
+            "height": picture.height,
+            "regions": regions,
+        }
 
     def answer(self, payload) -> dict:
         if not isinstance(payload, dict):
@@ -99,6 +172,10 @@ class App:
         top_k = _bounded(payload, "top_k", 5, MAX_TOP_K)
         boxes = _bounded(payload, "boxes", 3, MAX_BOXES)
         with self._lock:
+            if self.is_upload(image_id) and image_id not in self.uploads:
+                raise ApiError(  # forgotten since it was checked
+                    HTTPStatus.NOT_FOUND, f"unknown image: no uploaded picture {image_id}"
+                )
             result = self.predictor(question, image_id, top_k=top_k, top_boxes=boxes)
         out = result.to_dict()
         out["colors"] = [GLIMPSE_COLORS[g % len(GLIMPSE_COLORS)] for g in range(len(result.boxes))]
@@ -112,7 +189,50 @@ class App:
             "total": len(self.image_ids),
             "offset": offset,
             "images": [{"image_id": i, "url": f"/api/images/{i}.png"} for i in page],
+            "uploads": self.uploads_info(),
         }
+
+
+def _upload_refusal(data_dir: Path) -> str | None:
+    """None when the data's features came from pictures (`ban.images`), else why uploads fail."""
+    from ban.images import extractor_info
+
+    for path in sorted((Path(data_dir) / "features").glob("*.h5")):
+        if extractor_info(path) is not None:
+            return None
+    return (
+        "uploads need a model trained on picture features (`ban data from-images` or `ban "
+        "features extract`): the features of this data were not made from pictures (e.g. the "
+        "built-in benchmark's simulated detector), so a new picture cannot be featurised like them"
+    )
+
+
+def decode_picture(body: bytes):
+    """An uploaded picture as RGB (upright by its EXIF orientation, the longer side at most
+    `MAX_UPLOAD_SIDE`); ApiError 400 when it does not decode, 413 when it has too many pixels."""
+    from PIL import Image, ImageOps
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(body))
+            if image.width * image.height > MAX_UPLOAD_PIXELS:
+                raise ApiError(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    f"the picture is {image.width}x{image.height} pixels, at most "
+                    f"{MAX_UPLOAD_PIXELS} in all",
+                )
+            image.load()
+            image = ImageOps.exif_transpose(image).convert("RGB")
+    except ApiError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Warning) as error:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST, f"not a picture that decodes (PNG, JPEG, ...): {error}"
+        ) from None
+    if max(image.size) > MAX_UPLOAD_SIDE:
+        image.thumbnail((MAX_UPLOAD_SIDE, MAX_UPLOAD_SIDE), Image.Resampling.LANCZOS)
+    return image
 
 
 def _bounded(payload: dict, key: str, default: int, most: int) -> int:
@@ -167,6 +287,43 @@ def openapi() -> dict:
                     },
                 }
             },
+            "/api/pictures": {
+                "post": {
+                    "summary": "upload a new picture to ask about",
+                    "description": (
+                        "The body is the picture's raw bytes (PNG, JPEG, or any format Pillow "
+                        "decodes) with an image Content-Type (image/png, image/jpeg, ...), at most "
+                        f"{MAX_UPLOAD} bytes (413 above, not read) and {MAX_UPLOAD_PIXELS} pixels. "
+                        "It is turned upright by its EXIF orientation, scaled down to at most "
+                        f"{MAX_UPLOAD_SIDE} pixels on its longer side, featurised with the "
+                        "backbone that made the data's features, and kept in memory (the last "
+                        f"{MAX_UPLOADS} uploads; ids are negative). Ask about it with POST "
+                        "/api/answer and its image_id; boxes are in the pixels of the picture "
+                        "served at its url. 409 when the data's features were not made from "
+                        "pictures (see `uploads` in GET /api/images): uploads need a model "
+                        "trained on picture features."
+                    ),
+                    "requestBody": {
+                        "required": True,
+                        "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}},
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "the new picture",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Picture"}
+                                }
+                            },
+                        },
+                        "400": error,
+                        "409": error,
+                        "411": error,
+                        "413": error,
+                        "415": error,
+                    },
+                }
+            },
             "/api/images": {
                 "get": {
                     "summary": "the image ids of the dataset, a page at a time",
@@ -178,12 +335,18 @@ def openapi() -> dict:
                             "schema": {"type": "integer", "maximum": MAX_LIMIT},
                         },
                     ],
-                    "responses": {"200": {"description": "{total, offset, images}"}, "400": error},
+                    "responses": {
+                        "200": {
+                            "description": "{total, offset, images, uploads: {enabled, "
+                            "max_bytes, reason}} (reason: why uploads are refused, else null)"
+                        },
+                        "400": error,
+                    },
                 }
             },
             "/api/images/{image_id}.png": {
                 "get": {
-                    "summary": "the picture of an image of the dataset",
+                    "summary": "the picture of an image of the dataset or of an upload (id < 0)",
                     "parameters": [
                         {
                             "name": "image_id",
@@ -235,6 +398,16 @@ def openapi() -> dict:
                             "items": {"type": "array", "items": {"type": "object"}},
                         },
                         "colors": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+                "Picture": {
+                    "type": "object",
+                    "properties": {
+                        "image_id": {"type": "integer", "maximum": -1},
+                        "url": {"type": "string"},
+                        "width": {"type": "integer"},
+                        "height": {"type": "integer"},
+                        "regions": {"type": "integer"},
                     },
                 },
                 "Error": {"type": "object", "properties": {"error": {"type": "string"}}},
@@ -300,14 +473,42 @@ class Handler(BaseHTTPRequestHandler):
             if match is None:
                 raise ApiError(HTTPStatus.NOT_FOUND, "unknown image: expected /api/images/<id>.png")
             image_id = self.app.check_image(int(match.group(1)))
-            self._send(HTTPStatus.OK, self.app.png(image_id), "image/png", cache=True)
+            upload = self.app.is_upload(image_id)  # ids of uploads recur
+            self._send(HTTPStatus.OK, self.app.picture_png(image_id), "image/png", not upload)
         else:
             raise ApiError(HTTPStatus.NOT_FOUND, f"no such page: {url.path[:100]}")
 
     def _post(self) -> None:
-        if urlsplit(self.path).path != "/api/answer":
+        path = urlsplit(self.path).path
+        if path == "/api/pictures":
+            self._post_picture()
+            return
+        if path != "/api/answer":
             self.close_connection = True  # the body is not read
-            raise ApiError(HTTPStatus.NOT_FOUND, "POST goes to /api/answer")
+            raise ApiError(HTTPStatus.NOT_FOUND, "POST goes to /api/answer or /api/pictures")
+        body = self._body(MAX_BODY)
+        try:
+            payload = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"malformed JSON: {error}") from None
+        self._json(HTTPStatus.OK, self.app.answer(payload))
+
+    def _post_picture(self) -> None:
+        if self.app.upload_refusal is not None:
+            self.close_connection = True
+            raise ApiError(HTTPStatus.CONFLICT, self.app.upload_refusal)
+        kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if not kind.startswith("image/"):
+            self.close_connection = True
+            raise ApiError(
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                "send the picture's bytes as the body with an image Content-Type (image/png, "
+                f"image/jpeg, ...), not {kind or 'none'!r}",
+            )
+        body = self._body(MAX_UPLOAD)
+        self._json(HTTPStatus.OK, self.app.add_picture(body))
+
+    def _body(self, most: int) -> bytes:
         length = self.headers.get("Content-Length")
         if length is None:
             self.close_connection = True
@@ -315,18 +516,17 @@ class Handler(BaseHTTPRequestHandler):
         if not length.isdigit():
             self.close_connection = True
             raise ApiError(HTTPStatus.BAD_REQUEST, "Content-Length must be a number")
-        if int(length) > MAX_BODY:
+        if int(length) > most:
             self.close_connection = True
             raise ApiError(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"the body is {int(length)} bytes, at most {MAX_BODY}",
+                f"the body is {int(length)} bytes, at most {most}",
             )
         body = self.rfile.read(int(length))
-        try:
-            payload = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"malformed JSON: {error}") from None
-        self._json(HTTPStatus.OK, self.app.answer(payload))
+        if len(body) != int(length):
+            self.close_connection = True
+            raise ApiError(HTTPStatus.BAD_REQUEST, "the body is shorter than its Content-Length")
+        return body
 
 
 PAGE = _page()

@@ -50,6 +50,9 @@ DEFAULT_VAL_IMAGES = 1000
 DEFAULT_TEST_IMAGES = 250
 DEFAULT_FEATURE_DIM = 128
 DEFAULT_NUM_BOXES = 36
+FEATURE_SOURCES = ("detector", "backbone")  # the simulated detector, or a picture backbone
+DEFAULT_BACKBONE_SIZE = 128  # EfficientNet-Lite0 at 128 px: a 4 x 4 map, ~60 pictures/s on 2 cores
+DEFAULT_GRID = 4  # 16 regions: the counting module needs at least 10
 CAPTIONS_PER_IMAGE = 5
 
 FAMILIES = ("existence", "counting", "attribute", "spatial", "comparison")
@@ -470,6 +473,7 @@ class _Chunk:
     num_boxes: int | None  # None: adaptive
     images: bool
     captions_per_image: int
+    detector: bool = True  # False: no simulated features (the backbone writes them afterwards)
 
 
 @functools.cache
@@ -503,8 +507,9 @@ def _make_chunk(chunk: _Chunk) -> tuple[list[Scene], list[Question], Path]:
         )
         if c.images:
             world.render(scene, c.out / "images" / f"{scene.image_id}.png")
-        rng = np.random.default_rng([c.seed, c.split_index, index])
-        pending.append((scene, world.propose(scene, encoder, rng, c.num_boxes)))
+        if c.detector:
+            rng = np.random.default_rng([c.seed, c.split_index, index])
+            pending.append((scene, world.propose(scene, encoder, rng, c.num_boxes)))
     part = c.out / "features" / f".{c.split}.{c.start:08d}.part"
     part.write_text(_tsv_rows(encoder, pending), encoding="ascii", newline="")
     return scenes, questions, part
@@ -522,6 +527,12 @@ def generate(
     images: bool = True,
     captions_per_image: int = CAPTIONS_PER_IMAGE,
     workers: int | None = None,
+    features: str = "detector",
+    backbone=None,
+    backbone_size: int = DEFAULT_BACKBONE_SIZE,
+    grid: int = DEFAULT_GRID,
+    batch_size: int = 32,
+    progress: bool = False,
 ) -> Path:
     """Write a scene benchmark as a RAW directory (docs/DESIGN.md) and return its path.
 
@@ -535,7 +546,26 @@ def generate(
 
     The same arguments give byte-identical files. `workers` processes (default: the CPU count,
     at most 8) share the work without changing any byte.
+
+    `features="backbone"` featurises the rendered PNGs with a picture backbone through
+    `ban.images` instead of the simulated detector: each image's `grid x grid` cells are its
+    regions (boxes in the PNG's pixels, features [grid * grid, D] of the backbone), written in
+    the same TSV format. `backbone` is anything `ban.images.load_backbone` takes (default
+    EfficientNet-Lite0, the `ban[images]` extra), run on the picture resized to `backbone_size`
+    pixels square; `feature_dim`, `adaptive` and `num_boxes` do not apply. Same arguments, same
+    bytes (on the same machine and torch build).
     """
+    if features not in FEATURE_SOURCES:
+        raise ValueError(f"generate: features must be one of {FEATURE_SOURCES}, got {features!r}")
+    detector = features == "detector"
+    if not detector:
+        if not images:
+            raise ValueError("generate: features='backbone' featurises the PNGs: images=False")
+        if grid < DEFAULT_GRID or backbone_size < 32:
+            raise ValueError(
+                f"generate: expected grid >= {DEFAULT_GRID} (at least 10 regions for the counting "
+                f"module; got {grid}) and backbone_size >= 32 (got {backbone_size})"
+            )
     if feature_dim < 1 or num_boxes < MAX_OBJECTS or min(train_images, val_images, test_images) < 0:
         raise ValueError(
             f"generate: expected feature_dim >= 1 (got {feature_dim}), num_boxes >= "
@@ -562,22 +592,33 @@ def generate(
             boxes,
             images,
             captions_per_image,
+            detector,
         )  # fmt: skip
         for split_index, (split, offset, _, _) in enumerate(SPLITS)
         for start in range(0, sizes[split], CHUNK)
     ]
     results = dict(zip(chunks, _run_chunks(chunks, workers), strict=True))
 
-    summary = {
-        "version": VERSION,
-        "options": {
-            "seed": seed,
-            "feature_dim": feature_dim,
-            "boxes": "adaptive" if adaptive else num_boxes,
-            "captions_per_image": captions_per_image,
-        },
-        "splits": {},
+    options = {
+        "seed": seed,
+        "feature_dim": feature_dim,
+        "boxes": "adaptive" if adaptive else num_boxes,
+        "captions_per_image": captions_per_image,
     }
+    extractor = None
+    if not detector:
+        from ban.images import DEFAULT_BACKBONE, FeatureExtractor
+
+        extractor = FeatureExtractor(backbone or DEFAULT_BACKBONE, backbone_size, grid)
+        options = {
+            "seed": seed,
+            "features": "backbone",
+            **extractor.info(),
+            "feature_dim": 0,  # the backbone's, set below
+            "boxes": grid * grid,
+            "captions_per_image": captions_per_image,
+        }
+    summary = {"version": VERSION, "options": options, "splits": {}}
     for split, _, answered, flickr_split in SPLITS:
         parts = [results[c] for c in chunks if c.split == split]
         scenes = [s for scenes, _, _ in parts for s in scenes]
@@ -587,6 +628,11 @@ def generate(
                 with open(path, "rb") as f:
                     shutil.copyfileobj(f, tsv)
                 path.unlink()
+        if extractor is not None:
+            dim = _backbone_tsv(
+                extractor, out, split, [s.image_id for s in scenes], batch_size, progress
+            )
+            options["feature_dim"] = dim or options["feature_dim"]
         _write_split(out, split, answered, questions, rnd_seed=f"ban-scenes/{seed}/{split}")
         ids = "".join(f"{s.image_id}\n" for s in scenes)
         (out / "flickr30k" / f"{flickr_split}.txt").write_text(ids, encoding="ascii")
@@ -596,6 +642,31 @@ def generate(
         }
     _write_json(out / "scenes.json", summary)
     return out
+
+
+def _backbone_tsv(
+    extractor, out: Path, split: str, image_ids: list[int], batch_size: int, progress: bool
+) -> int:
+    """Featurise a split's PNGs into `features/scenes_<split>.tsv` (bottom-up TSV, CR LF line
+    ends, image order as in the questions); returns the feature dimension (0: no image)."""
+    from tqdm import tqdm
+
+    from ban.data.features import encode_row
+    from ban.images import load_image
+
+    dim = 0
+    step = max(1, batch_size)
+    bar = tqdm(total=len(image_ids), unit="img", desc=f"features {split}", disable=not progress)
+    with open(out / "features" / f"scenes_{split}.tsv", "w", encoding="ascii", newline="") as tsv:
+        for start in range(0, len(image_ids), step):
+            ids = image_ids[start : start + step]
+            pictures = [load_image(out / "images" / f"{i}.png") for i in ids]
+            for region in extractor.regions(pictures, ids):
+                dim = region.features.shape[1]
+                tsv.write(encode_row(region)[:-1] + "\r\n")
+            bar.update(len(ids))
+    bar.close()
+    return dim
 
 
 def _run_chunks(chunks: list[_Chunk], workers: int | None) -> list:
