@@ -402,6 +402,19 @@ def train(
     optimizer = torch.optim.Adamax(params, lr=configs.lr_at(config, 0))
     log = engine.MetricsLog(run_dir, True)
     eval_batch = config.eval_batch_size or config.batch_size
+
+    def evaluate_on_eval_set(model):
+        return evaluate(
+            model,
+            data_dir,
+            config.eval_split,
+            protocol=config.protocol,
+            compat=config.compat,
+            batch_size=eval_batch,
+            device=device,
+            dataset=eval_set,
+        )
+
     best, best_epoch, step, status = None, None, 0, "finished"
     padding = train_sets[0].dictionary.padding_idx
     for epoch in range(config.epochs):
@@ -448,16 +461,7 @@ def train(
             "seconds": round(time.perf_counter() - start, 2),
         }
         if eval_set is not None:
-            report, _ = evaluate(
-                model,
-                data_dir,
-                config.eval_split,
-                protocol=config.protocol,
-                compat=config.compat,
-                batch_size=eval_batch,
-                device=device,
-                dataset=eval_set,
-            )
+            report, _ = evaluate_on_eval_set(model)
             record.update({f"eval_{k}": report[k] for k in ("R@1", "R@5", "R@10", "upper_bound")})
             if best is None or report["R@1"] > best:
                 best, best_epoch = report["R@1"], epoch
@@ -486,16 +490,7 @@ def train(
         from ban import checkpoint
 
         best_model = checkpoint.load(run_dir / "best.safetensors", device)
-        report, rows = evaluate(
-            best_model,
-            data_dir,
-            config.eval_split,
-            protocol=config.protocol,
-            compat=config.compat,
-            batch_size=eval_batch,
-            device=device,
-            dataset=eval_set,
-        )
+        report, rows = evaluate_on_eval_set(best_model)
         report["best_epoch"] = best_epoch
         engine.atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
         write_predictions(rows, run_dir / f"predictions-{config.eval_split}.jsonl")
