@@ -710,13 +710,15 @@ def train(
     rank 0 writes the files.
     """
     if config.task == "flickr":
-        if resume:
-            raise ValueError("--resume is not available for --task flickr yet")
         from ban import grounding
 
-        result = grounding.train(config, run_dir, max_steps=max_steps, progress=progress, argv=argv)
-        progress_ = Progress(best_epoch=result.best_epoch)
-        return TrainResult(result.run_dir, result.status, progress_, result.report)
+        result = grounding.train(
+            config, run_dir, resume=resume, max_steps=max_steps, progress=progress, argv=argv
+        )
+        at = Progress(
+            epoch=result.epoch, step_in_epoch=result.step_in_epoch, best_epoch=result.best_epoch
+        )
+        return TrainResult(result.run_dir, result.status, at, result.report, result.signal)
     if config.task != "vqa":
         raise ValueError(f"task {config.task!r} is not available; expected 'vqa' or 'flickr'")
     env = init_distributed(config.device)

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ban.data import flickr
 from ban.data.features import FeatureStore
+from ban.files import atomic_write
 from ban.text import Dictionary
 
 KS = (1, 5, 10)
@@ -218,6 +219,7 @@ def evaluate(
     device: torch.device | str = "cpu",
     top_k: int = 10,
     dataset: GroundingDataset | None = None,
+    amp: str | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(report, per-phrase predictions) of `model` on a prepared grounding split.
 
@@ -228,11 +230,14 @@ def evaluate(
     dataset = dataset or GroundingDataset(data_dir, split, protocol, compat)
     _check_vocabulary(model, dataset)
     was_training = model.training
+    from ban.engine import autocast
+
     model.eval()
     all_hits, all_covered, all_types, rows = [], [], [], []
     loss_sum, captions = 0.0, 0
     for batch in loader(dataset, batch_size, shuffle=False):
-        scores = _forward(model, batch, device).float().cpu()  # [B, E, N]
+        with autocast(device, amp):
+            scores = _forward(model, batch, device).float().cpu()  # [B, E, N]
         loss_sum += float(grounding_loss(scores, batch["target"], batch["phrase_mask"])) * len(
             batch["meta"]
         )
@@ -354,31 +359,56 @@ def build_model(config, data_dir: Path) -> nn.Module:
 @dataclass
 class GroundingTrainResult:
     run_dir: Path
-    status: str  # 'finished' | 'stopped' (max_steps)
+    status: str  # 'finished' | 'stopped' (max_steps) | 'interrupted' (signal)
     best_epoch: int | None
     report: dict[str, Any] | None
+    epoch: int = 0  # where a resumed run continues (0-indexed) ...
+    step_in_epoch: int = 0  # ... and after how many of that epoch's steps
+    signal: int | None = None
+
+
+STATE_VERSION = 1
+
+
+def _epoch_batches(size: int, batch_size: int, seed: int) -> list[list[int]]:
+    """The epoch's batches of caption indices: a permutation drawn from `seed` alone, so that a
+    resumed run can skip the batches already taken."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [order[i : i + batch_size] for i in range(0, size, batch_size)]
 
 
 def train(
     config,
     run_dir: str | Path,
     *,
+    resume: bool = False,
     max_steps: int | None = None,
     progress: bool = True,
     argv: list[str] | None = None,
 ) -> GroundingTrainResult:
-    """Train BANGrounding on a prepared grounding directory with the release's recipe shape.
+    """Train a grounding model on a prepared grounding directory with the release's recipe shape.
 
     Loss: BCE summed over (phrase, box) / captions. Each epoch evaluates on `config.eval_split`
     and saves best.safetensors whenever its R@1 improves (the release's selection), and
     last.safetensors. At the end the best checkpoint is evaluated and written to report.json.
-    One process; no resume.
+    The training state (`state.pt`) is written at the end of each epoch and when the run stops
+    early (`max_steps`, SIGINT or SIGTERM after the current step); `resume=True` continues it
+    exactly (same batches, same dropout). Mixed precision with `config.amp`. One process.
     """
     from ban import configs, engine
 
+    if config.compile:
+        raise ValueError("compile is not available for --task flickr (phrase counts vary)")
     run_dir = Path(run_dir)
-    if (run_dir / "last.safetensors").exists():
-        raise ValueError(f"{run_dir} already holds a run; choose another --out")
+    state_path = run_dir / engine.STATE_FILE
+    if not resume and ((run_dir / "last.safetensors").exists() or state_path.exists()):
+        raise ValueError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose "
+            "another --out"
+        )
+    state = _load_state(state_path) if resume else None
+    if state is not None:
+        engine._check_resume_config(state, config, state_path)
     run_dir.mkdir(parents=True, exist_ok=True)
     engine.write_run_header(run_dir, config, argv)
     device = engine.resolve_device(config.device)
@@ -400,8 +430,21 @@ def train(
     model = build_model(config, data_dir).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adamax(params, lr=configs.lr_at(config, 0))
+    scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
+    # Where the run stands: epoch, steps taken, best R@1, and the running sums of the epoch
+    # in progress (loss * captions, captions, hits at 1, phrases).
+    at = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best": None, "best_epoch": None}
+    sums = [0.0, 0, 0, 0]
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        at, sums = dict(state["at"]), list(state["sums"])
+        engine._set_rng_state(state["rng"])
     log = engine.MetricsLog(run_dir, True)
     eval_batch = config.eval_batch_size or config.batch_size
+    padding = train_sets[0].dictionary.padding_idx
 
     def evaluate_on_eval_set(model):
         return evaluate(
@@ -412,89 +455,142 @@ def train(
             compat=config.compat,
             batch_size=eval_batch,
             device=device,
+            amp=config.amp,
             dataset=eval_set,
         )
 
-    best, best_epoch, step, status = None, None, 0, "finished"
-    padding = train_sets[0].dictionary.padding_idx
-    for epoch in range(config.epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = configs.lr_at(config, epoch)
-        model.train()
-        generator = torch.Generator().manual_seed(config.seed + epoch)
-        batches = DataLoader(
-            train_set,
-            batch_size=config.batch_size,
-            shuffle=True,
-            generator=generator,
-            collate_fn=lambda s: collate(s, padding),
-        )
-        start = time.perf_counter()
-        loss_sum, captions, hits1, phrases = 0.0, 0, 0, 0
-        for batch in batches:
-            scores = _forward(model, batch, device)
-            target, mask = batch["target"].to(device), batch["phrase_mask"].to(device)
-            loss = grounding_loss(scores, target, mask)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = engine._clip(params, config.grad_clip)
-            optimizer.step()
-            step += 1
-            b = scores.shape[0]
-            loss_sum += loss.item() * b
-            captions += b
-            with torch.no_grad():  # the release's training score: R@1 on training phrases
-                box_mask = batch["box_mask"].to(device).unsqueeze(1).expand_as(scores)
-                h = phrase_hits(scores[mask], target[mask] > 0, box_mask[mask], ks=(1,))
-                hits1 += int(h.sum())
-                phrases += int(mask.sum())
-            if step % max(config.log_every, 1) == 0:
-                log.write("step", step, loss=loss.item(), grad_norm=grad_norm)
-            if max_steps is not None and step >= max_steps:
-                status = "stopped"
-                break
-        record: dict[str, Any] = {
-            "epoch": epoch,
-            "loss": loss_sum / max(captions, 1),
-            "train_R@1": 100.0 * hits1 / max(phrases, 1),
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": round(time.perf_counter() - start, 2),
+    def save_state():
+        state = {
+            "version": STATE_VERSION,
+            "config": config.to_dict(),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "at": at,
+            "sums": sums,
+            "rng": engine._rng_state(),
         }
-        if eval_set is not None:
-            report, _ = evaluate_on_eval_set(model)
-            record.update({f"eval_{k}": report[k] for k in ("R@1", "R@5", "R@10", "upper_bound")})
-            if best is None or report["R@1"] > best:
-                best, best_epoch = report["R@1"], epoch
-                model.notes["epoch"] = epoch
-                engine.save_model(model, run_dir / "best.safetensors")
-        log.write("epoch", step, **record)
-        if progress:
-            text = (
-                f"epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f} "
-                f"train R@1 {record['train_R@1']:.2f} lr {record['lr']:.2e}"
+        atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+
+    status, signum = "finished", None
+    with engine.StopFlag() as stop:
+        while at["epoch"] < config.epochs and status == "finished":
+            epoch = at["epoch"]
+            for group in optimizer.param_groups:
+                group["lr"] = configs.lr_at(config, epoch)
+            model.train()
+            batches = _epoch_batches(len(train_set), config.batch_size, config.seed + epoch)
+            data = DataLoader(
+                train_set,
+                batch_sampler=batches[at["step_in_epoch"] :],
+                collate_fn=lambda s: collate(s, padding),
+                generator=torch.Generator(),  # not the global RNG, which dropout draws from
             )
-            if "eval_R@1" in record:
-                text += (
-                    f" | {config.eval_split} [{config.protocol.upper()}] R@1 "
-                    f"{record['eval_R@1']:.2f} R@5 {record['eval_R@5']:.2f} R@10 "
-                    f"{record['eval_R@10']:.2f} (UB {record['eval_upper_bound']:.2f})"
+            start = time.perf_counter()
+            for batch in data:
+                with engine.autocast(device, config.amp):
+                    scores = _forward(model, batch, device)
+                target, mask = batch["target"].to(device), batch["phrase_mask"].to(device)
+                loss = grounding_loss(scores.float(), target, mask)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                    grad_norm = engine._clip(params, config.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    grad_norm = engine._clip(params, config.grad_clip)
+                    optimizer.step()
+                at["step"] += 1
+                at["step_in_epoch"] += 1
+                b = scores.shape[0]
+                sums[0] += loss.item() * b
+                sums[1] += b
+                with torch.no_grad():  # the release's training score: R@1 on training phrases
+                    box_mask = batch["box_mask"].to(device).unsqueeze(1).expand_as(scores)
+                    h = phrase_hits(scores[mask], target[mask] > 0, box_mask[mask], ks=(1,))
+                    sums[2] += int(h.sum())
+                    sums[3] += int(mask.sum())
+                if at["step"] % max(config.log_every, 1) == 0:
+                    log.write("step", at["step"], loss=loss.item(), grad_norm=grad_norm)
+                if at["step_in_epoch"] < len(batches):  # mid-epoch: stop here when asked
+                    if max_steps is not None and at["step"] >= max_steps:
+                        status = "stopped"
+                    elif stop.signal is not None:
+                        status, signum = "interrupted", stop.signal
+                    if status != "finished":
+                        save_state()
+                        break
+            if status != "finished":
+                break
+            record: dict[str, Any] = {
+                "epoch": epoch,
+                "loss": sums[0] / max(sums[1], 1),
+                "train_R@1": 100.0 * sums[2] / max(sums[3], 1),
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": round(time.perf_counter() - start, 2),
+            }
+            if eval_set is not None:
+                report, _ = evaluate_on_eval_set(model)
+                record.update(
+                    {f"eval_{k}": report[k] for k in ("R@1", "R@5", "R@10", "upper_bound")}
                 )
-            print(text, file=sys.stderr)
-        if status == "stopped":
-            break
-    model.notes["epoch"] = epoch
-    engine.save_model(model, run_dir / "last.safetensors")
-    log.close()
+                if at["best"] is None or report["R@1"] > at["best"]:
+                    at["best"], at["best_epoch"] = report["R@1"], epoch
+                    model.notes["epoch"] = epoch
+                    engine.save_model(model, run_dir / "best.safetensors")
+            log.write("epoch", at["step"], **record)
+            if progress:
+                print(_format_epoch(record, config), file=sys.stderr)
+            at["epoch"], at["step_in_epoch"], sums = epoch + 1, 0, [0.0, 0, 0, 0]
+            model.notes["epoch"] = epoch
+            engine.save_model(model, run_dir / "last.safetensors")
+            save_state()
+            if max_steps is not None and at["step"] >= max_steps and at["epoch"] < config.epochs:
+                status = "stopped"
+            elif stop.signal is not None and at["epoch"] < config.epochs:
+                status, signum = "interrupted", stop.signal
     report = None
-    if eval_set is not None and best_epoch is not None:
+    if status == "finished" and eval_set is not None and at["best_epoch"] is not None:
         from ban import checkpoint
 
         best_model = checkpoint.load(run_dir / "best.safetensors", device)
         report, rows = evaluate_on_eval_set(best_model)
-        report["best_epoch"] = best_epoch
+        report["best_epoch"] = at["best_epoch"]
         engine.atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
         write_predictions(rows, run_dir / f"predictions-{config.eval_split}.jsonl")
-    return GroundingTrainResult(run_dir, status, best_epoch, report)
+    log.close()
+    return GroundingTrainResult(
+        run_dir, status, at["best_epoch"], report, at["epoch"], at["step_in_epoch"], signum
+    )
+
+
+def _format_epoch(record: dict[str, Any], config) -> str:
+    text = (
+        f"epoch {record['epoch'] + 1}/{config.epochs}: loss {record['loss']:.4f} "
+        f"train R@1 {record['train_R@1']:.2f} lr {record['lr']:.2e}"
+    )
+    if "eval_R@1" in record:
+        text += (
+            f" | {config.eval_split} [{config.protocol.upper()}] R@1 "
+            f"{record['eval_R@1']:.2f} R@5 {record['eval_R@5']:.2f} R@10 "
+            f"{record['eval_R@10']:.2f} (UB {record['eval_upper_bound']:.2f})"
+        )
+    return text
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: nothing to resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a foreign or damaged file
+        raise ValueError(f"{path} is not a readable training state: {error}") from error
+    if state.get("version") != STATE_VERSION or "at" not in state:
+        raise ValueError(f"{path}: not a grounding training state of version {STATE_VERSION}")
+    return state
 
 
 def write_predictions(rows: list[dict[str, Any]], path: str | Path) -> None:

@@ -22,6 +22,7 @@ from ban.counting import Counter
 from ban.layers import BilinearAttentionMap, BilinearPooling, FCNet, WeightNormLinear
 
 FUSIONS = ("residual", "sum", "concat")
+ATTENTIONS = ("bilinear", "unitary", "none")  # BAN, and the baselines of ban/baselines.py
 
 
 @dataclass
@@ -44,10 +45,18 @@ class BANConfig:
     classifier_dropout: float = 0.5
     mask_question_padding: bool = False  # the release does not mask padded tokens
     task: str = "vqa"  # 'vqa' or 'grounding'
+    # 'bilinear' (BAN), or a baseline: 'unitary' (bottom-up top-down attention), 'none' (question
+    # only, VQA); see ban/baselines.py. The baselines read the embedding, hidden and dropout
+    # fields, and the unitary VQA model the counter switch too.
+    attention: str = "bilinear"
 
     def __post_init__(self):
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.attention == "none" and self.task == "grounding":
+            raise ValueError("a grounding model needs attention 'bilinear' or 'unitary'")
         if not 1 <= self.glimpses <= 32:
             raise ValueError(f"glimpses must be in 1..32, got {self.glimpses}")
         if self.task not in ("vqa", "grounding"):
@@ -75,10 +84,12 @@ PRESETS: dict[str, BANConfig] = {
     "ban-8-ablation": BANConfig(hidden=1024, tfidf_embedding=False, counter=False),
     # The release's Flickr30k Entities model: attention logits only, one glimpse.
     "ban-flickr": BANConfig(tfidf_embedding=False, glimpses=1, counter=False, task="grounding"),
-    # A CPU-sized model for the built-in scene benchmark.
+    # A CPU-sized model for the built-in scene benchmark. Without dropout: with the release's
+    # (0.2 / 0.5 / 0.5) it stays at chance there for as long as a CPU run lasts (docs/benchmark.md).
     "ban-small": BANConfig(
         vocab_size=200, embedding_dim=64, tfidf_embedding=False, hidden=128, glimpses=4,
         num_answers=100, visual_dim=128, counter=True,
+        dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0,
     ),
 }  # fmt: skip
 
@@ -133,12 +144,19 @@ def box_mask_from_features(v: torch.Tensor) -> torch.Tensor:
     return v.abs().sum(dim=2) != 0
 
 
-def _check_boxes(box_mask: torch.Tensor) -> None:
+def check_boxes(box_mask: torch.Tensor) -> None:
     empty = (~box_mask.any(dim=1)).nonzero().flatten().tolist()
     if empty:
         raise ValueError(
             f"batch rows {empty} have no boxes (all region features are zero or masked); "
             "an image needs at least one box"
+        )
+
+
+def _require_bilinear(config: BANConfig) -> None:
+    if config.attention != "bilinear":
+        raise ValueError(
+            f"attention={config.attention!r} is a baseline model: build it with ban.build(config)"
         )
 
 
@@ -152,6 +170,7 @@ class BAN(nn.Module):
 
     def __init__(self, config: BANConfig):
         super().__init__()
+        _require_bilinear(config)
         self.config = c = config
         self.vocabulary: list[str] | None = None  # set by loaders when known
         self.answers: list[str] | None = None
@@ -221,7 +240,7 @@ class BAN(nn.Module):
             raise ValueError(f"b must be [B, {v.shape[1]}, >=4], got {list(b.shape)}")
         if box_mask is None:
             box_mask = box_mask_from_features(v)
-        _check_boxes(box_mask)
+        check_boxes(box_mask)
         question_mask = q != c.vocab_size if c.mask_question_padding else None
 
         x = self.encode_question(q)  # X0 [B, T, H]
@@ -269,6 +288,7 @@ class BANGrounding(nn.Module):
 
     def __init__(self, config: BANConfig):
         super().__init__()
+        _require_bilinear(config)
         self.config = c = config
         self.vocabulary: list[str] | None = None
         self.answers: list[str] | None = None
@@ -299,9 +319,19 @@ class BANGrounding(nn.Module):
         return logits.transpose(1, 2)  # [B, E, N]
 
 
-def build(config: BANConfig) -> BAN | BANGrounding:
-    """The model a configuration describes."""
-    return BANGrounding(config) if config.task == "grounding" else BAN(config)
+def build(config: BANConfig) -> nn.Module:
+    """The model a configuration describes: BAN, or a baseline of ban/baselines.py."""
+    from ban import baselines
+
+    if config.task == "grounding":
+        if config.attention == "unitary":
+            return baselines.UnitaryGrounding(config)
+        return BANGrounding(config)
+    return {
+        "bilinear": BAN,
+        "unitary": baselines.UnitaryAttentionVQA,
+        "none": baselines.QuestionOnly,
+    }[config.attention](config)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -314,13 +344,26 @@ def flops_per_example(config: BANConfig, boxes: int = 36, tokens: int = 14) -> i
     Counts the matrix products: GRU (3 gates, input and hidden), the attention's two projections
     to H*K, its G*N*T*H*K bilinear logits (plus folding p_g into the question side), per glimpse
     the pooling projections, A X'' (N*T*H) and the row-wise dot (N*H), P_g and C_g, and the
-    classifier. Elementwise work (softmax, ReLU, counter) is left out: it is below 1%.
+    classifier. Elementwise work (softmax, ReLU, counter) is left out: it is below 1%. For the
+    baselines (`attention` 'unitary' or 'none') the same rule counts their own products.
     """
     c = config
     n, t, h, g = boxes, tokens, c.hidden, c.glimpses
     joint = h * c.rank
     embedding = c.embedding_dim * (2 if c.tfidf_embedding else 1)
     macs = t * 3 * h * (embedding + h)  # GRU
+    classifier = h * 2 * h + 2 * h * c.num_answers
+    if c.attention == "none":  # question only: question_net and the classifier
+        return 2 * (macs + h * h + classifier)
+    if c.attention == "unitary":  # concatenation attention of ban/baselines.py
+        phrases = t if c.task == "grounding" else 1
+        macs += n * c.visual_dim * h + phrases * h * h + n * phrases * h
+        if c.task == "grounding":
+            return 2 * macs
+        macs += n * c.visual_dim + h * h + c.visual_dim * h  # v_hat, question_net, visual_net
+        if c.counter:
+            macs += (c.max_objects + 1) * h
+        return 2 * (macs + classifier)
     macs += n * c.visual_dim * joint + t * h * joint  # attention projections
     macs += g * t * joint + g * n * t * joint  # p_g folded into X', then the bilinear logits
     if c.task == "grounding":

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ban
 from ban import cli, configs, engine, grounding
 from ban.data import flickr
 from ban.data.features import Region, write_tsv
@@ -176,3 +177,45 @@ def test_tiny_end_to_end_train_and_evaluate(prepared, tmp_path, capsys):
         "other",
     }
     assert report["per_type"]["other"]["phrases"] == 1  # the animals/other phrase, in both
+
+
+def _tiny_grounding(prepared, **overrides):
+    values = {
+        "data": str(prepared),
+        "epochs": 2,
+        "batch_size": 4,
+        "model.hidden": 16,
+        "model.embedding_dim": 8,
+        **overrides,
+    }
+    return configs.resolve("ban-flickr-small", overrides=values)
+
+
+def test_interrupted_and_resumed_grounding_run_is_exact(prepared, tmp_path):
+    from safetensors.torch import load_file
+
+    config = _tiny_grounding(prepared)
+    whole = engine.train(config, tmp_path / "whole", progress=False)
+    part = engine.train(config, tmp_path / "part", max_steps=3, progress=False)
+    assert part.status == "stopped" and part.report is None
+    assert (part.progress.epoch, part.progress.step_in_epoch) == (1, 1)  # 2 steps an epoch
+    with pytest.raises(ValueError, match="already holds a run"):
+        engine.train(config, tmp_path / "part", progress=False)
+    with pytest.raises(ValueError, match="another configuration"):
+        engine.train(_tiny_grounding(prepared, lr=0.5), tmp_path / "part", resume=True)
+    resumed = engine.train(config, tmp_path / "part", resume=True, progress=False)
+    assert resumed.status == "finished"
+    for name in ("last.safetensors", "best.safetensors"):
+        a, b = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "part" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert resumed.report["R@1"] == whole.report["R@1"]
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        engine.train(config, tmp_path / "empty", resume=True)
+
+
+def test_grounding_trains_with_bf16_autocast_and_the_unitary_baseline(prepared, tmp_path):
+    config = _tiny_grounding(prepared, epochs=1, amp="bf16", **{"model.attention": "unitary"})
+    result = engine.train(config, tmp_path / "run", progress=False)
+    assert result.status == "finished" and 0 <= result.report["R@1"] <= 100
+    model = ban.load(tmp_path / "run" / "best.safetensors")
+    assert type(model).__name__ == "UnitaryGrounding"

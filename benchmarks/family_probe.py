@@ -1,0 +1,98 @@
+"""How fast does a model learn one question family of the built-in benchmark?
+
+A short, plain loop (Adamax at a constant rate, batch 64, clipping 0.25, no warm-up) on the
+questions of the chosen families only, printing the validation score every `--every` steps. It
+was used to find out why the benchmark's models stayed at chance (docs/benchmark.md, "Why"):
+
+    python benchmarks/family_probe.py --family attribute --steps 1000
+    python benchmarks/family_probe.py --set dropout=0.2 --set attention_dropout=0.5
+
+The score is the training-score approximation (soft score of the argmax answer) on val2014.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.utils.data import DataLoader, Subset
+
+from ban import configs, engine
+from ban.data.prepare import read_manifest
+
+
+def family_subset(data_dir: Path, split: str, families: set[str]) -> Subset:
+    raw_dir = Path(read_manifest(data_dir)["raw_dir"])
+    of = json.loads((raw_dir / "scenes.json").read_text())["splits"][split]["families"]
+    dataset = engine.open_split(data_dir, split)
+    keep = [i for i, e in enumerate(dataset.entries) if of[str(e["question_id"])] in families]
+    return Subset(dataset, keep)
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, dataset: Subset) -> float:
+    model.eval()
+    total = 0.0
+    for batch in DataLoader(dataset, batch_size=256, collate_fn=engine.collate):
+        logits = model(batch["features"], batch["spatials"], batch["question"]).logits
+        total += batch["target"].gather(1, logits.argmax(1, keepdim=True)).sum().item()
+    model.train()
+    return 100 * total / len(dataset)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", nargs="+", default=["attribute"])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--every", type=int, default=250)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="ban-small", help="model preset (ban-small)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a BANConfig field, e.g. --set counter=false")  # fmt: skip
+    parser.add_argument("--data", type=Path, help="prepared benchmark (default: the built-in)")
+    args = parser.parse_args()
+    data_dir = engine.resolve_data(str(args.data) if args.data else None)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[f"model.{key.strip()}"] = yaml.safe_load(value)
+    config = configs.override(configs.preset("ban-small"), {"model": args.model, **overrides})
+    train = family_subset(data_dir, "train2014", set(args.family))
+    val = family_subset(data_dir, "val2014", set(args.family))
+    torch.manual_seed(args.seed)
+    model = engine.build_model(config, data_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adamax(params, lr=args.lr)
+    order = torch.Generator().manual_seed(args.seed)
+    print(f"{len(train)} training and {len(val)} val questions of {args.family}; {overrides}")
+    step, start = 0, time.perf_counter()
+    while step < args.steps:
+        loader = DataLoader(train, args.batch_size, shuffle=True, generator=order,
+                            collate_fn=engine.collate)  # fmt: skip
+        for batch in loader:
+            logits = model(batch["features"], batch["spatials"], batch["question"]).logits
+            loss = F.binary_cross_entropy_with_logits(logits, batch["target"]) * logits.shape[1]
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 0.25)
+            optimizer.step()
+            step += 1
+            if step % args.every == 0 or step == args.steps:
+                print(
+                    f"step {step}: loss {loss.item():.3f}, val score {score(model, val):.2f} "
+                    f"({time.perf_counter() - start:.0f} s)",
+                    flush=True,
+                )
+            if step == args.steps:
+                break
+
+
+if __name__ == "__main__":
+    main()

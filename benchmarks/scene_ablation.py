@@ -1,0 +1,230 @@
+"""The ablation table of the built-in scene benchmark: baselines, glimpses, fusion, counter.
+
+Trains each row with the same recipe (the `ban-small` training preset unless told otherwise) on
+the same data, evaluates the last model on val2014 with the official VQA metric, and prints a
+table by answer type and by question family (read from the benchmark's scenes.json):
+
+    python benchmarks/scene_ablation.py             # every row, seed 1204: ~40 min on 2 cores
+    python benchmarks/scene_ablation.py --rows ban-1 ban-4 --seeds 1 2 3 --epochs 7
+
+Runs go to `--out` (default runs/scene-ablation/<row>/seed-<seed>); a finished run is read back
+instead of retrained and an interrupted one is resumed, so the script can be stopped and started
+again. The table is written to `<out>/table.md` and every figure to `<out>/results.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from ban import configs, engine
+from ban.data.prepare import read_manifest
+from ban.files import atomic_write_text
+from ban.model import count_parameters
+
+# name: (what it is, BANConfig overrides on the ban-small model preset)
+# The release's dropout rates (ban-small has none; docs/benchmark.md says why).
+RELEASE_DROPOUT = {"dropout": 0.2, "attention_dropout": 0.5, "classifier_dropout": 0.5}
+# Answers without training (reference_rows), then the trained rows.
+REFERENCE = {
+    "chance": "chance: a random answer of the question's type",
+    "most-frequent": "the most frequent answer of the question's type",
+}
+ROWS: dict[str, tuple[str, dict]] = {
+    "question-only": ("question only (no image)", {"attention": "none", "counter": False}),
+    "unitary": ("unitary attention (BUTD)", {"attention": "unitary", "counter": False}),
+    "ban-1": ("BAN-1", {"glimpses": 1, "counter": False}),
+    "ban-2": ("BAN-2", {"glimpses": 2, "counter": False}),
+    "ban-4": ("BAN-4", {"glimpses": 4, "counter": False}),
+    "ban-8": ("BAN-8", {"glimpses": 8, "counter": False}),
+    "ban-4-sum": ("BAN-4, sum fusion", {"glimpses": 4, "counter": False, "fusion": "sum"}),
+    "ban-4-concat": ("BAN-4, concat fusion", {"glimpses": 4, "counter": False, "fusion": "concat"}),
+    "unitary-counter": ("unitary attention + counter", {"attention": "unitary", "counter": True}),
+    "ban-4-counter": ("BAN-4 + counter", {"glimpses": 4, "counter": True}),
+    "ban-4-counter-dropout": (
+        "BAN-4 + counter, the release's dropout",
+        {"glimpses": 4, "counter": True, **RELEASE_DROPOUT},
+    ),
+}  # fmt: skip
+
+ANSWER_TYPES = ("yes/no", "number", "other")
+FAMILIES = ("existence", "counting", "attribute", "spatial", "comparison")
+
+
+def run_row(name: str, seed: int, args: argparse.Namespace) -> dict:
+    """Train (or resume, or read back) one row with one seed; its figures."""
+    run_dir = args.out / name / f"seed-{seed}"
+    result_path = run_dir / "result.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    overrides = {**args.settings, "seed": seed, "model_overrides": ROWS[name][1]}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.data is not None:
+        overrides["data"] = str(args.data)
+    config = configs.override(configs.preset(args.preset), overrides, source="scene_ablation")
+    resume = (run_dir / engine.STATE_FILE).is_file()
+    if resume:
+        config = configs.from_yaml(run_dir / "config.yaml")
+    print(f"== {name} seed {seed}: {'resuming' if resume else 'training'} in {run_dir}", flush=True)
+    start = time.perf_counter()
+    trained = engine.train(config, run_dir, resume=resume, progress=False)
+    if trained.status != "finished":
+        raise SystemExit(f"{name} seed {seed} stopped ({trained.status}); run again to resume")
+    data_dir = engine.resolve_data(config.data)
+    model = engine.build_model(config, data_dir)
+    result = {
+        "row": name,
+        "seed": seed,
+        "epochs": config.epochs,
+        "parameters": count_parameters(model),
+        "minutes": (time.perf_counter() - start) / 60,
+        "train": last_train_score(run_dir),
+        **scores(run_dir, data_dir),
+    }
+    atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def last_train_score(run_dir: Path) -> float:
+    """The training-score approximation of the last epoch (dropout on), from metrics.jsonl: set
+    beside the val accuracy, it tells underfitting from overfitting."""
+    with open(run_dir / "metrics.jsonl") as f:
+        epochs = [record for record in map(json.loads, f) if record["kind"] == "epoch"]
+    return epochs[-1]["score"]
+
+
+def scores(run_dir: Path, data_dir: Path) -> dict:
+    """Official VQA accuracy overall, by answer type and by question family, in percent."""
+    report = json.loads((run_dir / "report.json").read_text())["official"]
+    raw_dir = Path(read_manifest(data_dir)["raw_dir"])
+    families = json.loads((raw_dir / "scenes.json").read_text())["splits"]["val2014"]["families"]
+    per_family: dict[str, list[float]] = {family: [] for family in FAMILIES}
+    with open(run_dir / "predictions.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            per_family[families[str(row["question_id"])]].append(row["accuracy"])
+    return {
+        "overall": report["overall"],
+        **{kind: report["by_answer_type"][kind] for kind in ANSWER_TYPES},
+        **{family: 100 * sum(acc) / len(acc) for family, acc in per_family.items()},
+    }
+
+
+def reference_rows(data_dir: Path) -> list[dict]:
+    """Two answers that need no training, scored with the official metric on val2014: a uniformly
+    random answer among those of the question's type in train2014 (the expectation, exactly),
+    and the most frequent train2014 answer of the question's type. Under the official metric a
+    wrong yes/no answer still earns credit when some of the ten annotators gave it, so chance
+    on yes/no questions is near 60 %, not 50 %."""
+    from collections import Counter, defaultdict
+
+    from ban.data.vqa import vqa_accuracy
+
+    raw_dir = Path(read_manifest(data_dir)["raw_dir"])
+    families = json.loads((raw_dir / "scenes.json").read_text())["splits"]["val2014"]["families"]
+
+    def annotations(split: str) -> list[dict]:
+        path = raw_dir / f"v2_mscoco_{split}_annotations.json"
+        return json.loads(path.read_text())["annotations"]
+
+    seen: dict[str, Counter] = defaultdict(Counter)
+    for a in annotations("train2014"):
+        seen[a["question_type"]][a["multiple_choice_answer"]] += 1
+    chance: dict[str, list[float]] = defaultdict(list)
+    frequent: dict[str, list[float]] = defaultdict(list)
+    for a in annotations("val2014"):
+        humans = [h["answer"] for h in a["answers"]]
+        candidates = seen[a["question_type"]]
+        random_answer = sum(vqa_accuracy(c, humans) for c in candidates) / len(candidates)
+        top_answer = vqa_accuracy(candidates.most_common(1)[0][0], humans)
+        for key in ("overall", a["answer_type"], families[str(a["question_id"])]):
+            chance[key].append(random_answer)
+            frequent[key].append(top_answer)
+    rows = []
+    for name, values in (("chance", chance), ("most-frequent", frequent)):
+        row = {"row": name, "seed": None, "epochs": 0, "parameters": 0, "minutes": 0.0}
+        row.update({key: 100 * sum(v) / len(v) for key, v in values.items()})
+        rows.append(row)
+    return rows
+
+
+def mean_text(values: list[float]) -> str:
+    """One value, or the mean ± the standard deviation over seeds."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(results: list[dict]) -> str:
+    columns = ("overall", *ANSWER_TYPES, *FAMILIES)
+    lines = [
+        "| model | params | seeds | train | " + " | ".join(columns) + " |",
+        "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in columns) + " |",
+    ]
+    labels = {**REFERENCE, **{name: label for name, (label, _) in ROWS.items()}}
+    for name, label in labels.items():
+        rows = [r for r in results if r["row"] == name]
+        if not rows:
+            continue
+        train = mean_text([r["train"] for r in rows]) if "train" in rows[0] else "-"
+        cells = [train, *(mean_text([r[c] for r in rows]) for c in columns)]
+        params = f"{rows[0]['parameters']:,}" if rows[0]["parameters"] else "-"
+        seeds = str(len(rows)) if rows[0]["seed"] is not None else "-"
+        lines.append(f"| {label} | {params} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1204])
+    parser.add_argument("--epochs", type=int, help="default: the training preset's")
+    parser.add_argument("--preset", default="ban-small", help="training preset (ban-small)")
+    parser.add_argument("--data", type=Path, help="prepared benchmark (default: the built-in)")
+    parser.add_argument("--out", type=Path, default=Path("runs/scene-ablation"))
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--report-only", action="store_true", help="tabulate the finished runs; train nothing"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="another training setting for every row, e.g. --set lr_decay_epochs=[8,10]",
+    )  # fmt: skip
+    args = parser.parse_args()
+    args.settings = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        args.settings[key.strip()] = yaml.safe_load(value)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.report_only:
+        paths = [args.out / n / f"seed-{s}" / "result.json" for n in args.rows for s in args.seeds]
+        results = [json.loads(path.read_text()) for path in paths if path.is_file()]
+    else:
+        results = [run_row(name, seed, args) for name in args.rows for seed in args.seeds]
+    seeds = sorted({r["seed"] for r in results})
+    epochs = sorted({r["epochs"] for r in results})
+    results += reference_rows(engine.resolve_data(str(args.data) if args.data else None))
+    text = table(results)
+    header = (
+        "Official VQA accuracy (%) on val2014 of the built-in benchmark, last epoch ('train': "
+        "the training-score approximation of the last epoch, dropout on); "
+        f"training preset {args.preset}, epochs {epochs}, seeds {seeds}"
+        + "".join(f", {item}" for item in args.set)
+        + ".\n\n"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "table.md", header + text + "\n")
+    atomic_write_text(args.out / "results.json", json.dumps(results, indent=2) + "\n")
+    print(header + text)
+
+
+if __name__ == "__main__":
+    main()

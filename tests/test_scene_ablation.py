@@ -1,0 +1,67 @@
+"""benchmarks/scene_ablation.py: the reference rows by hand, and the script end to end (tiny)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_engine import make_tiny_data
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "scene_ablation.py"
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    spec = importlib.util.spec_from_file_location("scene_ablation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_data(tmp_path_factory.mktemp("ablation"))
+
+
+def test_reference_rows_score_chance_with_the_official_metric(ablation, tiny):
+    from ban.data.prepare import read_manifest
+    from ban.data.vqa import vqa_accuracy
+
+    rows = {row["row"]: row for row in ablation.reference_rows(tiny)}
+    raw = Path(read_manifest(tiny)["raw_dir"])
+    train = json.loads((raw / "v2_mscoco_train2014_annotations.json").read_text())["annotations"]
+    val = json.loads((raw / "v2_mscoco_val2014_annotations.json").read_text())["annotations"]
+    seen = {}
+    for a in train:
+        seen.setdefault(a["question_type"], set()).add(a["multiple_choice_answer"])
+    expected = [
+        sum(vqa_accuracy(c, [h["answer"] for h in a["answers"]]) for c in seen[a["question_type"]])
+        / len(seen[a["question_type"]])
+        for a in val
+    ]
+    assert rows["chance"]["overall"] == pytest.approx(100 * sum(expected) / len(expected))
+    for row in rows.values():
+        assert 0 <= row["overall"] <= 100 and row["parameters"] == 0
+
+
+def test_script_trains_rows_writes_the_table_and_reads_finished_runs_back(tiny, tmp_path):
+    command = [sys.executable, str(SCRIPT), "--data", str(tiny), "--out", str(tmp_path)]
+    command += ["--rows", "question-only", "ban-1", "--epochs", "1", "--set", "batch_size=16"]
+    first = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert "training in" in first.stdout
+    table = (tmp_path / "table.md").read_text()
+    for label in ("question only (no image)", "BAN-1", "chance"):
+        assert f"| {label}" in table
+    results = json.loads((tmp_path / "results.json").read_text())
+    trained = {r["row"]: r for r in results if r["seed"] is not None}
+    assert set(trained) == {"question-only", "ban-1"}
+    assert trained["ban-1"]["parameters"] > trained["question-only"]["parameters"]
+    for row in trained.values():
+        families = [row[f] for f in ("existence", "counting", "attribute", "spatial", "comparison")]
+        assert all(0 <= value <= 100 for value in families)
+    second = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert "training in" not in second.stdout  # finished rows are read back, not retrained
+    assert (tmp_path / "table.md").read_text() == table
