@@ -37,7 +37,7 @@ from ban.model import (
     Classifier,
     WordEmbedding,
     box_mask_from_features,
-    check_boxes,
+    check_inputs,
 )
 
 
@@ -92,17 +92,6 @@ class _QuestionVectorModel(nn.Module):
     def question_vector(self, q: torch.Tensor) -> torch.Tensor:
         return last_token_states(self.encode_question(q), q, self.config.vocab_size)
 
-    def check_inputs(self, v: torch.Tensor, b: torch.Tensor, box_mask) -> torch.Tensor:
-        c = self.config
-        if v.dim() != 3 or v.shape[2] != c.visual_dim:
-            raise ValueError(f"v must be [B, N, {c.visual_dim}], got {list(v.shape)}")
-        if b.dim() != 3 or b.shape[:2] != v.shape[:2] or b.shape[2] < 4:
-            raise ValueError(f"b must be [B, {v.shape[1]}, >=4], got {list(b.shape)}")
-        if box_mask is None:
-            box_mask = box_mask_from_features(v)
-        check_boxes(box_mask)
-        return box_mask
-
 
 class UnitaryAttentionVQA(_QuestionVectorModel):
     """Bottom-up top-down attention for VQA (see the module docstring). `model(v, b, q)` as `BAN`;
@@ -120,7 +109,7 @@ class UnitaryAttentionVQA(_QuestionVectorModel):
         self.classifier = Classifier(c.hidden, 2 * c.hidden, c.num_answers, c.classifier_dropout)
 
     def forward(self, v, b, q, box_mask=None) -> BANOutput:
-        box_mask = self.check_inputs(v, b, box_mask)
+        box_mask = check_inputs(self.config, v, b, box_mask)
         question = self.question_vector(q)  # [B, H]
         logits = self.attention(v, question.unsqueeze(1)).squeeze(2)  # [B, N]
         logits = logits.masked_fill(~box_mask, float("-inf"))
@@ -145,7 +134,7 @@ class QuestionOnly(_QuestionVectorModel):
         self.classifier = Classifier(c.hidden, 2 * c.hidden, c.num_answers, c.classifier_dropout)
 
     def forward(self, v, b, q, box_mask=None) -> BANOutput:
-        self.check_inputs(v, b, box_mask)
+        check_inputs(self.config, v, b, box_mask)
         logits = self.classifier(self.question_net(self.question_vector(q)))
         empty = v.new_zeros(v.shape[0], 0, v.shape[1], 1)
         return BANOutput(logits, empty, empty)

@@ -144,13 +144,28 @@ def box_mask_from_features(v: torch.Tensor) -> torch.Tensor:
     return v.abs().sum(dim=2) != 0
 
 
-def check_boxes(box_mask: torch.Tensor) -> None:
+def _check_boxes(box_mask: torch.Tensor) -> None:
     empty = (~box_mask.any(dim=1)).nonzero().flatten().tolist()
     if empty:
         raise ValueError(
             f"batch rows {empty} have no boxes (all region features are zero or masked); "
             "an image needs at least one box"
         )
+
+
+def check_inputs(
+    config: BANConfig, v: torch.Tensor, b: torch.Tensor, box_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Check the shapes of a VQA model's `v [B, N, Dv]` and `b [B, N, >=4]` and that every image
+    has a box; returns the box mask `[B, N]` (from the features when not given)."""
+    if v.dim() != 3 or v.shape[2] != config.visual_dim:
+        raise ValueError(f"v must be [B, N, {config.visual_dim}], got {list(v.shape)}")
+    if b.dim() != 3 or b.shape[:2] != v.shape[:2] or b.shape[2] < 4:
+        raise ValueError(f"b must be [B, {v.shape[1]}, >=4], got {list(b.shape)}")
+    if box_mask is None:
+        box_mask = box_mask_from_features(v)
+    _check_boxes(box_mask)
+    return box_mask
 
 
 def _require_bilinear(config: BANConfig) -> None:
@@ -234,13 +249,7 @@ class BAN(nn.Module):
         box_mask: torch.Tensor | None = None,
     ) -> BANOutput:
         c = self.config
-        if v.dim() != 3 or v.shape[2] != c.visual_dim:
-            raise ValueError(f"v must be [B, N, {c.visual_dim}], got {list(v.shape)}")
-        if b.dim() != 3 or b.shape[:2] != v.shape[:2] or b.shape[2] < 4:
-            raise ValueError(f"b must be [B, {v.shape[1]}, >=4], got {list(b.shape)}")
-        if box_mask is None:
-            box_mask = box_mask_from_features(v)
-        check_boxes(box_mask)
+        box_mask = check_inputs(c, v, b, box_mask)
         question_mask = q != c.vocab_size if c.mask_question_padding else None
 
         x = self.encode_question(q)  # X0 [B, T, H]
