@@ -317,6 +317,7 @@ def test_default_benchmark_is_built_once_atomically(tmp_path, monkeypatch):
         return generate(out_dir, 4, 2, 0, feature_dim=4, images=False, workers=1)
 
     monkeypatch.setattr(scenes, "generate", tiny)
+    monkeypatch.setattr(scenes, "_check_default", lambda raw: None)  # tiny is not the default
     monkeypatch.setenv("BAN_CACHE", str(tmp_path / "cache"))
     first = scenes.default_benchmark()
     assert first == tmp_path / "cache" / scenes.VERSION / "raw"
@@ -336,6 +337,23 @@ def test_default_benchmark_is_built_once_atomically(tmp_path, monkeypatch):
     assert list((tmp_path / "third" / scenes.VERSION).iterdir()) == []
 
 
+def test_a_cached_benchmark_that_is_not_the_default_is_refused(tmp_path):
+    raw = tmp_path / scenes.VERSION / "raw"
+    raw.mkdir(parents=True)
+    splits = {"train2014": 5000, "val2014": 1000, "test2015": 250}  # an earlier, larger cache
+    summary = {
+        "version": scenes.VERSION,
+        "options": {"seed": 0, "feature_dim": 128, "boxes": 36, "captions_per_image": 5},
+        "splits": {name: {"images": [{}] * n} for name, n in splits.items()},
+    }
+    (raw / "scenes.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match=r"not the default one.*'train2014': 5000.*delete"):
+        scenes.default_benchmark(tmp_path)
+    summary["splits"]["train2014"]["images"] = [{}] * scenes.DEFAULT_TRAIN_IMAGES
+    (raw / "scenes.json").write_text(json.dumps(summary))
+    assert scenes.default_benchmark(tmp_path) == raw
+
+
 def test_default_prepared_runs_prepare_once(tmp_path, monkeypatch):
     pytest.importorskip("ban.data.prepare")
     generate = scenes.generate
@@ -344,6 +362,7 @@ def test_default_prepared_runs_prepare_once(tmp_path, monkeypatch):
         return generate(out_dir, 12, 4, 2, feature_dim=4, images=False, workers=1)
 
     monkeypatch.setattr(scenes, "generate", tiny)
+    monkeypatch.setattr(scenes, "_check_default", lambda raw: None)  # tiny is not the default
     prepared = scenes.default_prepared(tmp_path)
     assert prepared == tmp_path / scenes.VERSION / "prepared"
     assert (prepared / "manifest.json").is_file() and (prepared / "train2014.jsonl").is_file()

@@ -43,6 +43,7 @@ from ban.data.scene_world import (
     describe,
     phrase,
 )
+from ban.files import read_json
 
 VERSION = "scenes-v1"
 DEFAULT_TRAIN_IMAGES = 4000
@@ -783,8 +784,37 @@ def _build_once(target: Path, build: Callable[[Path], object]) -> Path:
 
 def default_benchmark(cache_dir: str | Path | None = None) -> Path:
     """The default scene benchmark's RAW directory, generated on first use (a few seconds) into
-    `cache_root(cache_dir)/raw`."""
-    return _build_once(cache_root(cache_dir) / "raw", generate)
+    `cache_root(cache_dir)/raw`. A cached directory made with other options (an earlier
+    generator, or `generate` called with other sizes into the cache) is refused, not reused."""
+    raw = _build_once(cache_root(cache_dir) / "raw", generate)
+    _check_default(raw)
+    return raw
+
+
+def _check_default(raw: Path) -> None:
+    expected_options = {
+        "seed": 0,
+        "feature_dim": DEFAULT_FEATURE_DIM,
+        "boxes": DEFAULT_NUM_BOXES,
+        "captions_per_image": CAPTIONS_PER_IMAGE,
+    }
+    expected_images = {
+        "train2014": DEFAULT_TRAIN_IMAGES,
+        "val2014": DEFAULT_VAL_IMAGES,
+        "test2015": DEFAULT_TEST_IMAGES,
+    }
+    path = raw / "scenes.json"
+    summary = read_json(path)
+    options = summary.get("options")
+    images = {name: len(split["images"]) for name, split in summary.get("splits", {}).items()}
+    version = summary.get("version")
+    if version != VERSION or options != expected_options or images != expected_images:
+        raise ValueError(
+            f"the cached benchmark {raw} is not the default one (version "
+            f"{version!r}, options {options}, images {images}; expected "
+            f"{VERSION!r}, {expected_options}, {expected_images}): delete {raw.parent} to "
+            "generate it again"
+        )
 
 
 def default_prepared(cache_dir: str | Path | None = None) -> Path:
