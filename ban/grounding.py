@@ -367,9 +367,6 @@ class GroundingTrainResult:
     signal: int | None = None
 
 
-STATE_VERSION = 1
-
-
 def _epoch_batches(size: int, batch_size: int, seed: int) -> list[list[int]]:
     """The epoch's batches of caption indices: a permutation drawn from `seed` alone, so that a
     resumed run can skip the batches already taken."""
@@ -461,7 +458,7 @@ def train(
 
     def save_state():
         state = {
-            "version": STATE_VERSION,
+            "version": engine.STATE_VERSION,
             "config": config.to_dict(),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -582,14 +579,11 @@ def _format_epoch(record: dict[str, Any], config) -> str:
 
 
 def _load_state(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: nothing to resume")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a foreign or damaged file
-        raise ValueError(f"{path} is not a readable training state: {error}") from error
-    if state.get("version") != STATE_VERSION or "at" not in state:
-        raise ValueError(f"{path}: not a grounding training state of version {STATE_VERSION}")
+    from ban import engine
+
+    state = engine.load_state(path)
+    if "at" not in state:
+        raise ValueError(f"{path} is not the training state of a grounding run")
     return state
 
 
