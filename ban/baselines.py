@@ -89,8 +89,9 @@ class _QuestionVectorModel(nn.Module):
     init_embeddings = BAN.init_embeddings
     encode_question = BAN.encode_question
 
-    def question_vector(self, q: torch.Tensor) -> torch.Tensor:
-        return last_token_states(self.encode_question(q), q, self.config.vocab_size)
+    def question_vector(self, q: torch.Tensor, check_values: bool = True) -> torch.Tensor:
+        states = self.encode_question(q, check_values)
+        return last_token_states(states, q, self.config.vocab_size)
 
 
 class UnitaryAttentionVQA(_QuestionVectorModel):
@@ -108,9 +109,9 @@ class UnitaryAttentionVQA(_QuestionVectorModel):
             self.count_projection = FCNet(c.max_objects + 1, c.hidden, relu=True)
         self.classifier = Classifier(c.hidden, 2 * c.hidden, c.num_answers, c.classifier_dropout)
 
-    def forward(self, v, b, q, box_mask=None) -> BANOutput:
-        box_mask = check_inputs(self.config, v, b, box_mask)
-        question = self.question_vector(q)  # [B, H]
+    def forward(self, v, b, q, box_mask=None, check_values=True) -> BANOutput:
+        box_mask = check_inputs(self.config, v, b, box_mask, check_values)
+        question = self.question_vector(q, check_values)  # [B, H]
         logits = self.attention(v, question.unsqueeze(1)).squeeze(2)  # [B, N]
         logits = logits.masked_fill(~box_mask, float("-inf"))
         weights = F.softmax(logits, dim=1)
@@ -133,9 +134,9 @@ class QuestionOnly(_QuestionVectorModel):
         self.question_net = FCNet(c.hidden, c.hidden, relu=True, dropout=c.dropout)
         self.classifier = Classifier(c.hidden, 2 * c.hidden, c.num_answers, c.classifier_dropout)
 
-    def forward(self, v, b, q, box_mask=None) -> BANOutput:
-        check_inputs(self.config, v, b, box_mask)
-        logits = self.classifier(self.question_net(self.question_vector(q)))
+    def forward(self, v, b, q, box_mask=None, check_values=True) -> BANOutput:
+        check_inputs(self.config, v, b, box_mask, check_values)
+        logits = self.classifier(self.question_net(self.question_vector(q, check_values)))
         empty = v.new_zeros(v.shape[0], 0, v.shape[1], 1)
         return BANOutput(logits, empty, empty)
 
@@ -151,10 +152,10 @@ class UnitaryGrounding(_QuestionVectorModel):
         c = config
         self.attention = ConcatAttention(c.visual_dim, c.hidden, c.hidden, c.dropout)
 
-    def forward(self, v, q, phrase_index, box_mask=None) -> torch.Tensor:
+    def forward(self, v, q, phrase_index, box_mask=None, check_values=True) -> torch.Tensor:
         if box_mask is None:
             box_mask = box_mask_from_features(v)
-        x = self.encode_question(q)  # [B, T, H]
+        x = self.encode_question(q, check_values)  # [B, T, H]
         index = phrase_index.clamp(min=0).unsqueeze(2).expand(-1, -1, x.shape[2])
         phrases = x.gather(1, index)  # [B, E, H]
         logits = self.attention(v, phrases)  # [B, N, E]

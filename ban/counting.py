@@ -101,11 +101,14 @@ class Counter(nn.Module):
     def to_one_hot(self, count: torch.Tensor) -> torch.Tensor:
         """`[B]` non-negative reals -> `[B, objects + 1]`: 2.75 -> 0.25 at 2, 0.75 at 3."""
         count = count.clamp(min=0, max=self.objects)
-        floor = count.long()
+        floor = count.long().unsqueeze(1)
         fraction = count.frac().unsqueeze(1)
-        below = nn.functional.one_hot(floor, self.objects + 1).to(count.dtype)
-        above = nn.functional.one_hot((floor + 1).clamp(max=self.objects), self.objects + 1)
-        return (1 - fraction) * below + fraction * above.to(count.dtype)
+        # One-hot by comparison: F.one_hot reads its input's range first, which on a GPU waits
+        # for the device (a host synchronisation in every step).
+        values = torch.arange(self.objects + 1, device=count.device)
+        below = (values == floor).to(count.dtype)
+        above = (values == (floor + 1).clamp(max=self.objects)).to(count.dtype)
+        return (1 - fraction) * below + fraction * above
 
 
 def outer_product(x: torch.Tensor) -> torch.Tensor:

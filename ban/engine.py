@@ -458,7 +458,7 @@ def predict_dataset(
     rows: list[dict[str, Any]] = []
     sums = torch.zeros(4, dtype=torch.float64)  # score, upper bound, loss*n, n with target
     for batch in _progress(loader, progress and env.is_main, "evaluate"):
-        logits = _forward(model, batch, device, amp).float()
+        logits = _forward(model, batch, device, amp, model.config.vocab_size).float()
         probs = torch.sigmoid(logits)
         conf, top = probs.topk(min(top_k, probs.size(1)), dim=1)
         if "target" in batch:
@@ -628,14 +628,33 @@ def format_report(report: dict[str, Any]) -> str:
 # Training
 
 
-def _forward(model: nn.Module, batch: dict, device: torch.device, amp: str | None) -> torch.Tensor:
+def check_batch(batch: dict, vocab_size: int) -> None:
+    """The model's value checks (token ids in 0..V, a box in every image), done on the host batch
+    before it moves, so that the model can skip them and the step never waits for the device."""
+    q, box_mask = batch["question"], batch["box_mask"]
+    bad_tokens = ((q < 0) | (q > vocab_size)).any(dim=1)
+    bad = bad_tokens | ~box_mask.any(dim=1)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        question, image = batch["question_id"][i], batch["image_id"][i]
+        if bad_tokens[i]:
+            raise ValueError(
+                f"question {question}: token ids must be in 0..{vocab_size} (the last is "
+                f"padding), got {q[i].tolist()}"
+            )
+        raise ValueError(f"image {image} (question {question}) has no boxes")
+
+
+def _forward(
+    model: nn.Module, batch: dict, device: torch.device, amp: str | None, vocab_size: int
+) -> torch.Tensor:
+    check_batch(batch, vocab_size)
     v = batch["features"].to(device, non_blocking=True)
     b = batch["spatials"].to(device, non_blocking=True)
     q = batch["question"].to(device, non_blocking=True)
-    mask = batch.get("box_mask")
-    mask = mask.to(device, non_blocking=True) if mask is not None else None
+    mask = batch["box_mask"].to(device, non_blocking=True)
     with autocast(device, amp):
-        return model(v, b, q, box_mask=mask).logits
+        return model(v, b, q, box_mask=mask, check_values=False).logits
 
 
 def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -806,9 +825,12 @@ def train(
                 total=steps_in_epoch - prog.step_in_epoch,
             )
             tick, tick_examples = time.perf_counter(), 0
+            # The epoch's sums stay on the device while it runs: reading a loss every step would
+            # make the host wait for the device. prog.sums is brought up to date after the loop.
+            running = torch.tensor(prog.sums, dtype=torch.float64, device=_stats_device(device))
             for micro_batches in bar:
                 n_local = sum(len(mb["question_id"]) for mb in micro_batches)
-                step_loss = step_score = 0.0
+                step = torch.zeros(2, dtype=torch.float64, device=running.device)  # loss*n, score
                 for i, batch in enumerate(micro_batches):
                     sync = i == len(micro_batches) - 1
                     ctx = (
@@ -818,15 +840,17 @@ def train(
                     )
                     with ctx:
                         target = batch["target"].to(device, non_blocking=True)
-                        logits = _forward(module, batch, device, config.amp)
+                        logits = _forward(
+                            module, batch, device, config.amp, model.config.vocab_size
+                        )
                         loss = _loss(logits, target)
                         scaled = loss * (len(target) / n_local)
                         (scaler.scale(scaled) if scaler is not None else scaled).backward()
                     with torch.no_grad():
                         score = metrics.approximate_score(logits.detach().float(), target).sum()
-                        step_loss += loss.item() * len(target)
-                        step_score += score.item()
-                        prog.sums[2] += target.max(dim=1).values.sum().item()
+                        step[0] += loss.detach().double().to(running.device) * len(target)
+                        step[1] += score.double().to(running.device)
+                        running[2] += target.max(dim=1).values.sum().double().to(running.device)
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 grad_norm = _clip(params, config.grad_clip)
@@ -836,23 +860,24 @@ def train(
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                prog.sums[0] += step_loss
-                prog.sums[1] += step_score
-                prog.sums[3] += n_local
-                prog.sums[4] += grad_norm
-                prog.sums[5] += 1
+                running[0] += step[0]
+                running[1] += step[1]
+                running[3] += n_local
+                running[4] += grad_norm.to(running.device)
+                running[5] += 1
                 prog.step_in_epoch += 1
                 prog.global_step += 1
                 prog.examples += n_local * env.world_size
                 tick_examples += n_local * env.world_size
                 if prog.global_step % max(1, config.log_every) == 0 or prog.step_in_epoch == 1:
                     elapsed = max(time.perf_counter() - tick, 1e-9)
+                    step_loss, step_score = step.tolist()
                     record = {
                         "epoch": epoch,
                         "lr": lr,
                         "loss": step_loss / n_local,
                         "score": 100 * step_score / n_local,
-                        "grad_norm": grad_norm,
+                        "grad_norm": grad_norm.item(),
                         "examples_per_s": tick_examples / elapsed,
                     }
                     log.write("step", prog.global_step, **record)
@@ -870,6 +895,7 @@ def train(
                     signum = stop.signal
                     status = "interrupted" if signum is not None else "stopped"
                     break
+            prog.sums = running.tolist()
             if status != "finished":
                 save_state(state_path, model, optimizer, scaler, prog, config, env)
                 if env.is_main:
@@ -1029,11 +1055,18 @@ def _local_batch(config: TrainConfig, env: DistEnv) -> tuple[int, int]:
     return config.batch_size // parts, accum
 
 
-def _clip(params: list[nn.Parameter], max_norm: float) -> float:
+def _clip(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the gradients' total norm to `max_norm` (when > 0); returns the norm before clipping
+    (float64, on the device: reading it would wait for the device)."""
     if max_norm and max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).double()
     grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
+    return torch.stack(grads).norm().double() if grads else torch.zeros((), dtype=torch.float64)
+
+
+def _stats_device(device: torch.device) -> torch.device:
+    """Where running float64 sums can live: the training device, except MPS (no float64)."""
+    return torch.device("cpu") if device.type == "mps" else device
 
 
 def _any(flag: bool, env: DistEnv, device: torch.device) -> bool:

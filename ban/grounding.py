@@ -511,7 +511,7 @@ def train(
                     sums[2] += int(h.sum())
                     sums[3] += int(mask.sum())
                 if at["step"] % max(config.log_every, 1) == 0:
-                    log.write("step", at["step"], loss=loss.item(), grad_norm=grad_norm)
+                    log.write("step", at["step"], loss=loss.item(), grad_norm=grad_norm.item())
                 if at["step_in_epoch"] < len(batches):  # mid-epoch: stop here when asked
                     if max_steps is not None and at["step"] >= max_steps:
                         status = "stopped"

@@ -154,17 +154,23 @@ def _check_boxes(box_mask: torch.Tensor) -> None:
 
 
 def check_inputs(
-    config: BANConfig, v: torch.Tensor, b: torch.Tensor, box_mask: torch.Tensor | None
+    config: BANConfig,
+    v: torch.Tensor,
+    b: torch.Tensor,
+    box_mask: torch.Tensor | None,
+    check_values: bool = True,
 ) -> torch.Tensor:
-    """Check the shapes of a VQA model's `v [B, N, Dv]` and `b [B, N, >=4]` and that every image
-    has a box; returns the box mask `[B, N]` (from the features when not given)."""
+    """Check the shapes of a VQA model's `v [B, N, Dv]` and `b [B, N, >=4]` and (with
+    `check_values`) that every image has a box; returns the box mask `[B, N]` (from the features
+    when not given)."""
     if v.dim() != 3 or v.shape[2] != config.visual_dim:
         raise ValueError(f"v must be [B, N, {config.visual_dim}], got {list(v.shape)}")
     if b.dim() != 3 or b.shape[:2] != v.shape[:2] or b.shape[2] < 4:
         raise ValueError(f"b must be [B, {v.shape[1]}, >=4], got {list(b.shape)}")
     if box_mask is None:
         box_mask = box_mask_from_features(v)
-    _check_boxes(box_mask)
+    if check_values:
+        _check_boxes(box_mask)
     return box_mask
 
 
@@ -181,6 +187,11 @@ class BAN(nn.Module):
     `model(v, b, q)` with region features `v [B, N, Dv]` (all-zero rows are padding, or pass
     `box_mask [B, N]`), spatials `b [B, N, >=4]` (normalised x1, y1, x2, y2 first) and token ids
     `q [B, T]` right-padded with `config.vocab_size`, returns `BANOutput`.
+
+    Shapes are always checked. `check_values=False` skips the checks that read the inputs'
+    values (token ids in range, a box in every image): on a GPU they wait for the device, a host
+    synchronisation in every step (and a graph break under torch.compile). ban's data pipeline
+    checks values on the host, so its engine passes False.
     """
 
     def __init__(self, config: BANConfig):
@@ -229,11 +240,11 @@ class BAN(nn.Module):
                 )
             table.weight[:-1].copy_(values)
 
-    def encode_question(self, q: torch.Tensor) -> torch.Tensor:
+    def encode_question(self, q: torch.Tensor, check_values: bool = True) -> torch.Tensor:
         """Token ids `[B, T]` -> GRU states of every token `[B, T, H]` (padding included)."""
         if q.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"question token ids must be integers, got {q.dtype}")
-        if q.numel() and (q.min() < 0 or q.max() > self.config.vocab_size):
+        if check_values and q.numel() and (q.min() < 0 or q.max() > self.config.vocab_size):
             raise ValueError(
                 f"question token ids must be in 0..{self.config.vocab_size} "
                 f"(the last is padding), got {q.min().item()}..{q.max().item()}"
@@ -247,12 +258,13 @@ class BAN(nn.Module):
         b: torch.Tensor,
         q: torch.Tensor,
         box_mask: torch.Tensor | None = None,
+        check_values: bool = True,
     ) -> BANOutput:
         c = self.config
-        box_mask = check_inputs(c, v, b, box_mask)
+        box_mask = check_inputs(c, v, b, box_mask, check_values)
         question_mask = q != c.vocab_size if c.mask_question_padding else None
 
-        x = self.encode_question(q)  # X0 [B, T, H]
+        x = self.encode_question(q, check_values)  # X0 [B, T, H]
         maps, logits = self.attention(v, x, box_mask, question_mask)  # [B, G, N, T], from X0
         if c.counter:
             # The counter reads the pre-softmax logits, maximised over tokens. It has no
@@ -291,6 +303,7 @@ class BANGrounding(nn.Module):
     `model(v, q, phrase_index)` with `v [B, N, Dv]`, caption ids `q [B, T]`, and
     `phrase_index [B, E]` (the last token of each phrase) returns box scores `[B, E, N]`;
     padded boxes get the finite score `padding_score` so that a BCE loss stays finite.
+    `check_values` as for `BAN`.
     """
 
     padding_score = -99.0
@@ -317,10 +330,11 @@ class BANGrounding(nn.Module):
         q: torch.Tensor,
         phrase_index: torch.Tensor,
         box_mask: torch.Tensor | None = None,
+        check_values: bool = True,
     ) -> torch.Tensor:
         if box_mask is None:
             box_mask = box_mask_from_features(v)
-        x = self.encode_question(q)  # [B, T, H]
+        x = self.encode_question(q, check_values)  # [B, T, H]
         index = phrase_index.clamp(min=0).unsqueeze(2).expand(-1, -1, x.shape[2])
         phrases = x.gather(1, index)  # [B, E, H]
         logits = self.attention.logits(v, phrases)[:, 0]  # [B, N, E], one glimpse

@@ -1,7 +1,7 @@
 """Speed of BAN at the paper's size, against a re-statement of the original computation.
 
     python benchmarks/model_speed.py                      # CPU, batch 32, fp32
-    python benchmarks/model_speed.py --device cuda --batch 256 --amp bf16 --compile
+    python benchmarks/model_speed.py --device cuda --batch 256 --amp bf16 --compile --graph
 
 Paper size: BAN-8, H 1280, 'c' embedding, 20k vocabulary, 36 boxes x 2048-d, 14 tokens, 3129
 answers, counter on. Prints examples/s, achieved GFLOP/s, model FLOP utilisation (MFU: achieved
@@ -10,11 +10,18 @@ FLOP/s over the fp32 matrix-multiply peak measured in the same run) and the rati
 FLOPs are counted analytically (`ban.flops_per_example`, 2 per multiply-add of every matrix
 product); a training step counts 3x the forward (the backward computes two products per forward
 product: gradients of inputs and of weights).
+
+Ours is called as the training engine calls it, `check_values=False` (the engine checks token ids
+and boxes on the host), so that no step waits for the device. `--graph` (CUDA) also captures the
+whole training step (forward, loss, backward, clipping, Adamax with capturable=True) and the
+inference pass in CUDA graphs, so that the host launches one graph per step instead of thousands
+of kernels; it needs static shapes and a step that never reads a value on the host.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -67,34 +74,75 @@ def make_batch(config, batch, boxes, device, seed=0):
     return [t.to(device) for t in (v, b, q, target)]
 
 
-def logits_of(output):
-    return output.logits if isinstance(output, ban.BANOutput) else output[0]
+def logits_of(model, v, b, q):
+    """The logits of ours (as the engine calls it) or of the original."""
+    if isinstance(model, OriginalBAN) or isinstance(getattr(model, "_orig_mod", None), OriginalBAN):
+        return model(v, b, q)[0]
+    return model(v, b, q, check_values=False).logits
 
 
-def train_step_fn(model, optimizer, inputs, amp):
+def train_step_fn(model, optimizer, inputs, amp, graphed=False):
+    """One training step as a function; with `graphed`, the replay of a CUDA graph of it."""
     v, b, q, target = inputs
+    parameters = [p for p in model.parameters() if p.requires_grad]
 
-    def step():
-        with torch.autocast(v.device.type, dtype=amp, enabled=amp is not None):
-            logits = logits_of(model(v, b, q))
+    def gradients_and_update():
+        # The autocast cache would keep casts made outside a captured graph; graphs need it off.
+        with torch.autocast(v.device.type, amp, enabled=amp is not None, cache_enabled=not graphed):
+            logits = logits_of(model, v, b, q)
         loss = F.binary_cross_entropy_with_logits(logits.float(), target) * target.shape[1]
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        torch.nn.utils.clip_grad_norm_(parameters, 0.25)
         optimizer.step()
 
-    return step
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        gradients_and_update()
+
+    if not graphed:
+        return step
+    # With the gradients set to None before capture, backward allocates them inside the graph
+    # and each replay overwrites them: no zeroing between replays.
+    return cuda_graph(
+        warmup=step,
+        captured=gradients_and_update,
+        before_capture=lambda: optimizer.zero_grad(set_to_none=True),
+    )
 
 
-def infer_fn(model, inputs, amp):
+def infer_fn(model, inputs, amp, graphed=False):
     v, b, q, _ = inputs
 
     @torch.no_grad()
     def run():
-        with torch.autocast(v.device.type, dtype=amp, enabled=amp is not None):
-            return logits_of(model(v, b, q))
+        with torch.autocast(v.device.type, amp, enabled=amp is not None, cache_enabled=not graphed):
+            return logits_of(model, v, b, q)
 
-    return run
+    return cuda_graph(warmup=run, captured=run) if graphed else run
+
+
+def cuda_graph(warmup, captured, before_capture=None):
+    """Run `warmup` a few times on a side stream (as torch's documentation asks), capture
+    `captured` in a CUDA graph, and return the graph's replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            warmup()
+    torch.cuda.current_stream().wait_stream(stream)
+    if before_capture is not None:
+        before_capture()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured()
+    return graph.replay
+
+
+def mode_name(dtype, compiled, graphed):
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]
+    how = {(False, False): "eager", (True, False): "compiled", (False, True): "graphed",
+           (True, True): "compiled+graphed"}[(compiled, graphed)]  # fmt: skip
+    return f"{precision} {how}"
 
 
 def main(argv=None):
@@ -106,11 +154,14 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--amp", choices=["bf16", "fp16"], help="also measure autocast")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    parser.add_argument("--graph", action="store_true", help="also measure CUDA graphs (CUDA)")
     parser.add_argument("--memory-batch", type=int, default=256, help="batch for peak memory")
     parser.add_argument("--small", action="store_true", help="a tiny model, to try the script")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.graph and device.type != "cuda":
+        parser.error("--graph needs --device cuda")
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
     torch.backends.cudnn.allow_tf32 = False
@@ -136,37 +187,10 @@ def main(argv=None):
     ours.to(device)
     inputs = make_batch(config, args.batch, args.boxes, device)
     with torch.no_grad():
-        a = logits_of(ours.eval()(*inputs[:3]))
-        b = logits_of(original.eval()(*inputs[:3]))
+        a = logits_of(ours.eval(), *inputs[:3])
+        b = logits_of(original.eval(), *inputs[:3])
     error = ((a - b).abs().max() / b.abs().max()).item()
     print(f"max relative difference of the logits, ban vs original (eval): {error:.2e}")
-
-    variants = [("original", original, None, False), ("ban", ours, None, False)]
-    if amp is not None:
-        variants += [("original", original, amp, False), ("ban", ours, amp, False)]
-    if args.compile:
-        variants += [("original", original, amp, True), ("ban", ours, amp, True)]
-    results = {}
-    print(f"\n{'model':<10}{'mode':<16}{'train ex/s':>12}{'MFU':>7}{'x orig':>8}"
-          f"{'infer ex/s':>12}{'MFU':>7}{'x orig':>8}")  # fmt: skip
-    for label, model, dtype, compiled in variants:
-        mode = ("bf16" if dtype is torch.bfloat16 else "fp16" if dtype else "fp32") + (
-            " compiled" if compiled else " eager"
-        )
-        runner = torch.compile(model) if compiled else model
-        optimizer = torch.optim.Adamax(model.parameters(), lr=1e-4)
-        model.train()
-        train_s = timed(train_step_fn(runner, optimizer, inputs, dtype), device, args.steps)
-        model.eval()
-        infer_s = timed(infer_fn(runner, inputs, dtype), device, args.steps)
-        train_rate, infer_rate = args.batch / train_s, args.batch / infer_s
-        results[(label, mode)] = (train_rate, infer_rate)
-        base = results.get(("original", mode), results[("original", "fp32 eager")])
-        train_mfu = 3 * forward_flops * train_rate / peak
-        infer_mfu = forward_flops * infer_rate / peak
-        train_ratio, infer_ratio = train_rate / base[0], infer_rate / base[1]
-        print(f"{label:<10}{mode:<16}{train_rate:>12,.1f}{train_mfu:>7.2f}{train_ratio:>8.2f}"
-              f"{infer_rate:>12,.1f}{infer_mfu:>7.2f}{infer_ratio:>8.2f}")  # fmt: skip
 
     single = make_batch(config, 1, args.boxes, device)
     for label, model in (("original", original), ("ban", ours)):
@@ -183,6 +207,43 @@ def main(argv=None):
             peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
             batch = args.memory_batch
             print(f"peak memory of a training step at batch {batch}, {label}: {peak_mem:.2f} GiB")
+
+    modes = [(None, False, False)]  # (autocast dtype, compiled, graphed)
+    if amp is not None:
+        modes.append((amp, False, False))
+    if args.graph:
+        modes.append((amp, False, True))
+    if args.compile:
+        modes.append((amp, True, False))
+    if args.graph and args.compile:
+        modes.append((amp, True, True))
+    results = {}
+    print(f"\n{'model':<10}{'mode':<24}{'train ex/s':>12}{'MFU':>7}{'x orig':>8}"
+          f"{'infer ex/s':>12}{'MFU':>7}{'x orig':>8}")  # fmt: skip
+    for (dtype, compiled, graphed), (label, model) in itertools.product(
+        modes, [("original", original), ("ban", ours)]
+    ):
+        mode = mode_name(dtype, compiled, graphed)
+        runner = torch.compile(model) if compiled else model
+        try:
+            # capturable: Adamax keeps its step counters on the device, as a graph needs.
+            optimizer = torch.optim.Adamax(model.parameters(), lr=1e-4, capturable=graphed)
+            model.train()
+            train = train_step_fn(runner, optimizer, inputs, dtype, graphed)
+            train_s = timed(train, device, args.steps)
+            model.eval()
+            infer_s = timed(infer_fn(runner, inputs, dtype, graphed), device, args.steps)
+        except Exception as error:  # one failing mode must not lose the others' figures
+            print(f"{label:<10}{mode:<24}failed: {type(error).__name__}: {error}"[:400])
+            continue
+        train_rate, infer_rate = args.batch / train_s, args.batch / infer_s
+        results[(label, mode)] = (train_rate, infer_rate)
+        base = results.get(("original", mode), results[("original", "fp32 eager")])
+        train_mfu = 3 * forward_flops * train_rate / peak
+        infer_mfu = forward_flops * infer_rate / peak
+        train_ratio, infer_ratio = train_rate / base[0], infer_rate / base[1]
+        print(f"{label:<10}{mode:<24}{train_rate:>12,.1f}{train_mfu:>7.2f}{train_ratio:>8.2f}"
+              f"{infer_rate:>12,.1f}{infer_mfu:>7.2f}{infer_ratio:>8.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -165,6 +165,23 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tiny_data, tmp_path):
     )
 
 
+def test_check_batch_names_the_question_and_the_image():
+    batch = {
+        "question": torch.tensor([[1, 2], [3, 31]]),
+        "box_mask": torch.tensor([[True, False], [True, True]]),
+        "question_id": [11, 12],
+        "image_id": [21, 22],
+    }
+    with pytest.raises(ValueError, match=r"question 12: token ids must be in 0..30 .*\[3, 31\]"):
+        engine.check_batch(batch, vocab_size=30)
+    batch["question"][1, 1] = 30  # the padding index
+    batch["box_mask"][0] = False
+    with pytest.raises(ValueError, match=r"image 21 \(question 11\) has no boxes"):
+        engine.check_batch(batch, vocab_size=30)
+    batch["box_mask"][0, 1] = True
+    engine.check_batch(batch, vocab_size=30)
+
+
 def test_resume_refuses_another_config(tiny_data, tmp_path):
     engine.train(tiny_config(tiny_data), tmp_path / "run", progress=False, max_steps=1)
     with pytest.raises(ValueError, match="seed"):

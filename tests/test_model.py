@@ -1,7 +1,10 @@
 """The full models: shapes, masking, gradients, parameter counts, input errors."""
 
+import functools
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ban
 from ban.model import BANConfig, count_parameters, flops_per_example
@@ -130,6 +133,45 @@ def test_bad_inputs_are_named():
     empty[1] = 0
     with pytest.raises(ValueError, match=r"batch rows \[1\] have no boxes"):
         model(empty, b, q)
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the operators that copy a tensor's value to the host (on a GPU: a wait)."""
+
+    READS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.READS:
+            self.reads.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("attention", ["bilinear", "unitary", "none"])
+def test_a_step_without_value_checks_never_reads_values_on_the_host(attention):
+    config = _tiny(attention=attention)  # the counter is on
+    model = ban.build(config).train()
+    v, b, q = _batch(config)
+    with _HostReads() as host:
+        model(v, b, q, check_values=False).logits.sum().backward()
+    assert host.reads == []
+    with _HostReads() as host:
+        model(v, b, q)
+    assert host.reads  # the default checks do read values
+    with pytest.raises(ValueError, match="v must be"):  # shapes are always checked
+        model(v[..., :5], b, q, check_values=False)
+
+
+def test_compiles_with_graph_breaks_only_around_the_gru():
+    config = _tiny(glimpses=3)
+    model = ban.BAN(config).train()
+    v, b, q = _batch(config)
+    explanation = torch._dynamo.explain(functools.partial(model, check_values=False))(v, b, q)
+    assert explanation.graph_break_count == 2
+    assert all("GRU" in reason.reason for reason in explanation.break_reasons)
 
 
 def test_config_validation():
