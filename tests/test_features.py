@@ -149,3 +149,18 @@ def test_store_is_lazy_and_works_in_dataloader_workers(tmp_path, in_memory):
     expected = torch.stack([torch.from_numpy(r.features).sum(0) for r in regions] * 3)
     torch.testing.assert_close(got, expected)
     assert store._file is None
+
+
+def test_store_open_in_the_parent_still_reads_in_workers(tmp_path):
+    regions = make_regions()
+    write_tsv(tmp_path / "a.tsv", regions)
+    convert_features(tmp_path / "a.tsv", tmp_path / "f.h5", progress=False)
+    store = FeatureStore(tmp_path / "f.h5")
+    ids = [r.image_id for r in regions]
+    np.testing.assert_array_equal(store[ids[1]][0], regions[1].features)  # opens the file here
+    got = torch.cat(list(DataLoader(_Items(store, ids), batch_size=2, num_workers=2)))
+    expected = torch.stack([torch.from_numpy(r.features).sum(0) for r in regions])
+    torch.testing.assert_close(got, expected)
+    store.close()
+    assert store._file is None and store._datasets is None
+    np.testing.assert_array_equal(store[ids[2]][0], regions[2].features)  # and reopens
