@@ -73,8 +73,9 @@ class DistEnv:
 
 def init_distributed(device: str | None = None) -> DistEnv:
     """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE,
-    LOCAL_RANK, MASTER_ADDR/PORT); a plain `python` start is a one-process job. NCCL on CUDA,
-    gloo otherwise."""
+    LOCAL_RANK, MASTER_ADDR/PORT); a plain `python` start is a one-process job. On CUDA, NCCL
+    for CUDA tensors and gloo for CPU tensors: the per-step stop flag is exchanged between the
+    hosts without waiting for the GPU. gloo otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistEnv()
@@ -87,7 +88,7 @@ def init_distributed(device: str | None = None) -> DistEnv:
         cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
         if cuda:
             torch.cuda.set_device(env.local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     return env
 
 
@@ -664,6 +665,7 @@ def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _comm_device(device: torch.device) -> torch.device:
+    """Where a small collective's tensor goes: the CPU, unless the process group is NCCL alone."""
     return device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 

@@ -123,7 +123,8 @@ def infer_fn(model, inputs, amp, graphed=False):
 
 def cuda_graph(warmup, captured, before_capture=None):
     """Run `warmup` a few times on a side stream (as torch's documentation asks), capture
-    `captured` in a CUDA graph, and return the graph's replay."""
+    `captured` in a CUDA graph on that same stream (the libraries' per-stream handles then exist
+    before capture), and return the graph's replay."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -133,7 +134,7 @@ def cuda_graph(warmup, captured, before_capture=None):
     if before_capture is not None:
         before_capture()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         captured()
     return graph.replay
 
