@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ban.counting import Counter
-from ban.layers import FCNet, WeightNormLinear
+from ban.layers import Dropout, FCNet, WeightNormLinear
 from ban.model import (
     BAN,
     BANConfig,
@@ -52,7 +52,7 @@ class ConcatAttention(nn.Module):
         super().__init__()
         self.visual_dim = visual_dim
         self.hidden = WeightNormLinear(visual_dim + question_dim, hidden)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.output = WeightNormLinear(hidden, 1)
 
     def forward(self, v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,17 @@ class WeightNormLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+class Dropout(nn.Dropout):
+    """`nn.Dropout`, whose mask on CPU is drawn as `rand >= p`: the same distribution, but torch's
+    CPU Bernoulli sampler is ~2.3x slower than `rand`, which made dropout 13% of a paper-size
+    training step there. On other devices, torch's fused dropout (one kernel)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or not self.training or self.p in (0.0, 1.0) or self.inplace:
+            return super().forward(x)
+        return torch.where(torch.rand_like(x) >= self.p, x * (1 / (1 - self.p)), 0)
+
+
 def weight_norm(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """`g * v / ||v||_F` with one scalar gain for the whole tensor (weight_norm with dim=None)."""
     return v * (g / v.norm())
@@ -78,7 +89,7 @@ class FCNet(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, relu: bool = True, dropout=0.0):
         super().__init__()
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.linear = WeightNormLinear(in_features, out_features)
         self.relu = relu
 
@@ -122,7 +133,7 @@ class BilinearAttentionMap(nn.Module):
         self.glimpses = glimpses
         self.v_net = FCNet(visual_dim, joint, relu=True, dropout=dropout)
         self.q_net = FCNet(question_dim, joint, relu=True, dropout=dropout)
-        self.visual_dropout = nn.Dropout(attention_dropout)
+        self.visual_dropout = Dropout(attention_dropout)
         # p_g of Eq. 4 for all glimpses, weight-normalised as one matrix (the release's h_mat).
         self.h_mat_v = nn.Parameter(torch.randn(glimpses, joint))
         self.h_mat_g = nn.Parameter(self.h_mat_v.detach().norm().clone())

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ban.counting import Counter
-from ban.layers import BilinearAttentionMap, BilinearPooling, FCNet, WeightNormLinear
+from ban.layers import BilinearAttentionMap, BilinearPooling, Dropout, FCNet, WeightNormLinear
 
 FUSIONS = ("residual", "sum", "concat")
 ATTENTIONS = ("bilinear", "unitary", "none")  # BAN, and the baselines of ban/baselines.py
@@ -132,7 +132,7 @@ class Classifier(nn.Module):
     def __init__(self, in_features: int, hidden: int, num_answers: int, dropout: float):
         super().__init__()
         self.hidden = FCNet(in_features, hidden, relu=True)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.output = WeightNormLinear(hidden, num_answers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

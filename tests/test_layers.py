@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ban.layers import BilinearAttentionMap, BilinearPooling, FCNet, WeightNormLinear
+from ban.layers import BilinearAttentionMap, BilinearPooling, Dropout, FCNet, WeightNormLinear
 
 
 def test_weight_norm_has_one_scalar_gain():
@@ -25,6 +25,22 @@ def test_fcnet_order_is_dropout_linear_relu():
     x = torch.randn(3, 4)
     assert torch.equal(net(x), torch.relu(net.linear(x)))
     assert FCNet(4, 6, relu=False)(x).min() < 0
+
+
+def test_cpu_dropout_keeps_1_minus_p_scaled_and_is_seeded():
+    layer, x = Dropout(0.2), torch.randn(400, 500, requires_grad=True)
+    torch.manual_seed(3)
+    y = layer(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.8) < 0.005  # 200,000 draws: sd 0.0009
+    torch.testing.assert_close(y[kept], x[kept] / 0.8)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.8)  # gradient through the kept entries
+    torch.manual_seed(3)
+    assert torch.equal(layer(x), y)  # the seed fixes the mask
+    assert torch.equal(layer.eval()(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
 
 
 def _naive_attention(layer, v, q, box_mask):
