@@ -199,11 +199,19 @@ def recall_report(
 
 
 def _forward(model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+    q, vocab_size = batch["q"], model.config.vocab_size
+    if q.numel() and (q.min() < 0 or q.max() > vocab_size):  # on the host: the step never waits
+        bad = int(((q < 0) | (q > vocab_size)).any(dim=1).nonzero()[0, 0])
+        raise ValueError(
+            f"a caption of image {batch['meta'][bad].get('image_id')}: token ids must be in "
+            f"0..{vocab_size} (the last is padding), got {q[bad].tolist()}"
+        )
     return model(
         batch["v"].to(device),
-        batch["q"].to(device),
+        q.to(device),
         batch["positions"].to(device),
         batch["box_mask"].to(device),
+        check_values=False,
     )
 
 
@@ -484,6 +492,9 @@ def train(
                 generator=torch.Generator(),  # not the global RNG, which dropout draws from
             )
             start = time.perf_counter()
+            # The epoch's sums stay on the device while it runs (reading them every step would
+            # make the host wait for the device); `sums` is brought up to date before a save.
+            running = torch.tensor(sums, dtype=torch.float64, device=engine._stats_device(device))
             for batch in data:
                 with engine.autocast(device, config.amp):
                     scores = _forward(model, batch, device)
@@ -502,14 +513,19 @@ def train(
                     optimizer.step()
                 at["step"] += 1
                 at["step_in_epoch"] += 1
-                b = scores.shape[0]
-                sums[0] += loss.item() * b
-                sums[1] += b
                 with torch.no_grad():  # the release's training score: R@1 on training phrases
                     box_mask = batch["box_mask"].to(device).unsqueeze(1).expand_as(scores)
-                    h = phrase_hits(scores[mask], target[mask] > 0, box_mask[mask], ks=(1,))
-                    sums[2] += int(h.sum())
-                    sums[3] += int(mask.sum())
+                    # Every phrase slot at once: a padded slot has no positive box, so no hit.
+                    hits = phrase_hits(
+                        scores.flatten(0, 1), target.flatten(0, 1) > 0, box_mask.flatten(0, 1), (1,)
+                    )
+                    step_sums = torch.stack(
+                        [loss.detach().double() * scores.shape[0], hits.sum().double(),
+                         mask.sum().double()]
+                    ).to(running.device)  # fmt: skip
+                    running[0] += step_sums[0]
+                    running[1] += scores.shape[0]
+                    running[2:] += step_sums[1:]
                 if at["step"] % max(config.log_every, 1) == 0:
                     log.write("step", at["step"], loss=loss.item(), grad_norm=grad_norm.item())
                 if at["step_in_epoch"] < len(batches):  # mid-epoch: stop here when asked
@@ -518,10 +534,12 @@ def train(
                     elif stop.signal is not None:
                         status, signum = "interrupted", stop.signal
                     if status != "finished":
+                        sums = running.tolist()
                         save_state()
                         break
             if status != "finished":
                 break
+            sums = running.tolist()
             record: dict[str, Any] = {
                 "epoch": epoch,
                 "loss": sums[0] / max(sums[1], 1),

@@ -48,6 +48,19 @@ def test_recall_report_counts_misses_and_types():
     assert set(report["per_type"]) == {"people", "bodyparts", "scene", "other"}
 
 
+def test_token_ids_are_checked_on_the_host_naming_the_image():
+    config = ban.BANConfig(vocab_size=10, embedding_dim=4, tfidf_embedding=False, hidden=8,
+                           glimpses=1, visual_dim=6, task="grounding")  # fmt: skip
+    model = ban.build(config)
+    batch = {"v": torch.rand(2, 5, 6), "q": torch.tensor([[1, 2, 10], [3, 11, 10]]),
+             "positions": torch.tensor([[1], [1]]), "box_mask": torch.ones(2, 5, dtype=torch.bool),
+             "meta": [{"image_id": 7}, {"image_id": 8}]}  # fmt: skip
+    with pytest.raises(ValueError, match=r"image 8: token ids must be in 0..10 .*\[3, 11, 10\]"):
+        grounding._forward(model, batch, torch.device("cpu"))
+    batch["q"][1, 1] = 4
+    assert grounding._forward(model, batch, torch.device("cpu")).shape == (2, 1, 5)
+
+
 def test_loss_is_bce_summed_over_real_phrases_divided_by_captions():
     scores = torch.randn(3, 2, 5)
     target = (torch.rand(3, 2, 5) > 0.7).float()
