@@ -456,33 +456,40 @@ def predict_dataset(
         num_workers=num_workers,
         generator=torch.Generator(),
     )
-    rows: list[dict[str, Any]] = []
-    sums = torch.zeros(4, dtype=torch.float64)  # score, upper bound, loss*n, n with target
+    # Nothing is read back while batches run (a read would make the host wait for the device):
+    # the sums stay on the device, and each batch's top answers are read once, after the loop.
+    sums = torch.zeros(4, dtype=torch.float64, device=_stats_device(device))
+    pending = []  # per batch: question ids, image ids, top answers and confidences (on device)
     for batch in _progress(loader, progress and env.is_main, "evaluate"):
         logits = _forward(model, batch, device, amp, model.config.vocab_size).float()
         probs = torch.sigmoid(logits)
         conf, top = probs.topk(min(top_k, probs.size(1)), dim=1)
         if "target" in batch:
             target = batch["target"].to(device)
-            sums[0] += metrics.approximate_score(logits, target).sum().item()
-            sums[1] += target.max(dim=1).values.sum().item()
-            sums[2] += _loss(logits, target).item() * len(target)
+            sums[0] += metrics.approximate_score(logits, target).sum().double().to(sums.device)
+            sums[1] += target.max(dim=1).values.sum().double().to(sums.device)
+            sums[2] += _loss(logits, target).double().to(sums.device) * len(target)
             sums[3] += len(target)
-        for i, qid in enumerate(batch["question_id"]):
-            index = top[i].tolist()
+        pending.append((batch["question_id"], batch["image_id"], top, conf))
+    rows: list[dict[str, Any]] = []
+    for question_ids, image_ids, top, conf in pending:
+        for qid, image_id, index, confidences in zip(
+            question_ids, image_ids, top.tolist(), conf.tolist(), strict=True
+        ):
             row = {
                 "question_id": int(qid),
-                "image_id": int(batch["image_id"][i]),
+                "image_id": int(image_id),
                 "answer": answers[index[0]] if answers else str(index[0]),
-                "confidence": round(conf[i, 0].item(), 6),
+                "confidence": round(confidences[0], 6),
             }
             if top_k > 1:
                 row["top_k"] = [
                     [answers[j] if answers else str(j), round(c, 6)]
-                    for j, c in zip(index, conf[i].tolist(), strict=True)
+                    for j, c in zip(index, confidences, strict=True)
                 ]
             rows.append(row)
     model.train(was_training)
+    sums = sums.cpu()
     if env.distributed:
         sums = sums.to(_comm_device(device))
         dist.all_reduce(sums)

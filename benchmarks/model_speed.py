@@ -158,7 +158,10 @@ def main(argv=None):
     parser.add_argument("--graph", action="store_true", help="also measure CUDA graphs (CUDA)")
     parser.add_argument("--memory-batch", type=int, default=256, help="batch for peak memory")
     parser.add_argument("--small", action="store_true", help="a tiny model, to try the script")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     if args.graph and device.type != "cuda":
