@@ -250,7 +250,9 @@ class BAN(nn.Module):
                 f"(the last is padding), got {q.min().item()}..{q.max().item()}"
             )
         states, _ = self.question_encoder(self.embedding(q))
-        return states
+        # A batch-first GRU returns a time-major view; contiguous, every linear layer on the
+        # token states is one matrix product instead of B small ones over a broadcast weight.
+        return states.contiguous()
 
     def forward(
         self,

@@ -165,6 +165,27 @@ def test_a_step_without_value_checks_never_reads_values_on_the_host(attention):
         model(v[..., :5], b, q, check_values=False)
 
 
+class _Operators(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_token_state_projections_are_single_matrix_products():
+    # A batch-first GRU returns a time-major view; on it, each linear layer would run as a
+    # batched product over a broadcast weight. Only the attention logits and the G poolings
+    # are batched products.
+    config = _tiny(glimpses=3)
+    model = ban.BAN(config).eval()
+    with torch.no_grad(), _Operators() as operators:
+        model(*_batch(config))
+    assert operators.names.count("bmm") == 1 + config.glimpses
+
+
 def test_compiles_with_graph_breaks_only_around_the_gru():
     config = _tiny(glimpses=3)
     model = ban.BAN(config).train()
