@@ -78,7 +78,32 @@ class Dropout(nn.Dropout):
 
 def weight_norm(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """`g * v / ||v||_F` with one scalar gain for the whole tensor (weight_norm with dim=None)."""
-    return v * (g / v.norm())
+    return _WeightNorm.apply(v, g)
+
+
+class _WeightNorm(torch.autograd.Function):
+    """w = s v with s = g / ||v||_F. With G = dL/dw and d = <G, v>:
+
+        dL/dv = s G - (s d / ||v||^2) v,        dL/dg = d / ||v||
+
+    computed in three passes over v (a dot product, a scaling, a fused multiply-add); autograd's
+    own backward of `v * (g / v.norm())` takes about eight, which made weight normalisation ~10%
+    of a paper-size training step on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(v)
+        scale = g / norm
+        ctx.save_for_backward(v, scale, norm)
+        return v * scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v, scale, norm = ctx.saved_tensors
+        dot = torch.tensordot(grad, v, dims=grad.dim())  # <G, v>, without a temporary
+        grad_v = (grad * scale).addcmul_(v, scale * dot / norm**2, value=-1)
+        return grad_v, dot / norm
 
 
 class FCNet(nn.Module):

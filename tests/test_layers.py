@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from ban.layers import BilinearAttentionMap, BilinearPooling, Dropout, FCNet, WeightNormLinear
+from ban.layers import (
+    BilinearAttentionMap,
+    BilinearPooling,
+    Dropout,
+    FCNet,
+    WeightNormLinear,
+    weight_norm,
+)
 
 
 def test_weight_norm_has_one_scalar_gain():
@@ -25,6 +32,16 @@ def test_fcnet_order_is_dropout_linear_relu():
     x = torch.randn(3, 4)
     assert torch.equal(net(x), torch.relu(net.linear(x)))
     assert FCNet(4, 6, relu=False)(x).min() < 0
+
+
+def test_weight_norm_gradient_matches_autograd_of_the_formula():
+    v = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(weight_norm, (v, g))
+    grad = torch.randn(7, 5, dtype=torch.float64)
+    expected = torch.autograd.grad((v * (g / v.norm()) * grad).sum(), (v, g))
+    got = torch.autograd.grad((weight_norm(v, g) * grad).sum(), (v, g))
+    torch.testing.assert_close(got, expected)
 
 
 def test_cpu_dropout_keeps_1_minus_p_scaled_and_is_seeded():
