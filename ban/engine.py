@@ -45,6 +45,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from ban import configs, metrics
 from ban.configs import TrainConfig
 from ban.files import atomic_write, atomic_write_text
+from ban.model import bad_token_rows
 
 STATE_FILE = "state.pt"
 STATE_VERSION = 1
@@ -640,7 +641,7 @@ def check_batch(batch: dict, vocab_size: int) -> None:
     """The model's value checks (token ids in 0..V, a box in every image), done on the host batch
     before it moves, so that the model can skip them and the step never waits for the device."""
     q, box_mask = batch["question"], batch["box_mask"]
-    bad_tokens = ((q < 0) | (q > vocab_size)).any(dim=1)
+    bad_tokens = bad_token_rows(q, vocab_size)
     bad = bad_tokens | ~box_mask.any(dim=1)
     if bad.any():
         i = int(bad.nonzero()[0])

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from ban.data import flickr
 from ban.data.features import FeatureStore
 from ban.files import atomic_write
+from ban.model import bad_token_rows
 from ban.text import Dictionary
 
 KS = (1, 5, 10)
@@ -200,8 +201,9 @@ def recall_report(
 
 def _forward(model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
     q, vocab_size = batch["q"], model.config.vocab_size
-    if q.numel() and (q.min() < 0 or q.max() > vocab_size):  # on the host: the step never waits
-        bad = int(((q < 0) | (q > vocab_size)).any(dim=1).nonzero()[0, 0])
+    bad_rows = bad_token_rows(q, vocab_size)  # on the host: the step never waits for the device
+    if bad_rows.any():
+        bad = int(bad_rows.nonzero()[0, 0])
         raise ValueError(
             f"a caption of image {batch['meta'][bad].get('image_id')}: token ids must be in "
             f"0..{vocab_size} (the last is padding), got {q[bad].tolist()}"
@@ -519,13 +521,10 @@ def train(
                     hits = phrase_hits(
                         scores.flatten(0, 1), target.flatten(0, 1) > 0, box_mask.flatten(0, 1), (1,)
                     )
-                    step_sums = torch.stack(
-                        [loss.detach().double() * scores.shape[0], hits.sum().double(),
-                         mask.sum().double()]
-                    ).to(running.device)  # fmt: skip
-                    running[0] += step_sums[0]
+                    running[0] += loss.detach().double().to(running.device) * scores.shape[0]
                     running[1] += scores.shape[0]
-                    running[2:] += step_sums[1:]
+                    running[2] += hits.sum().double().to(running.device)
+                    running[3] += mask.sum().double().to(running.device)
                 if at["step"] % max(config.log_every, 1) == 0:
                     log.write("step", at["step"], loss=loss.item(), grad_norm=grad_norm.item())
                 if at["step_in_epoch"] < len(batches):  # mid-epoch: stop here when asked

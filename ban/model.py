@@ -144,6 +144,11 @@ def box_mask_from_features(v: torch.Tensor) -> torch.Tensor:
     return v.abs().sum(dim=2) != 0
 
 
+def bad_token_rows(q: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`[B]` bool: the rows of token ids `q [B, T]` with an id outside 0..V (V is padding)."""
+    return ((q < 0) | (q > vocab_size)).any(dim=1)
+
+
 def _check_boxes(box_mask: torch.Tensor) -> None:
     empty = (~box_mask.any(dim=1)).nonzero().flatten().tolist()
     if empty:
