@@ -1,20 +1,14 @@
 """The counting toy task of benchmarks/counting_toy.py: its data and a tiny training run."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "counting_toy.py"
+from tests import benchmark_scripts
 
 
 @pytest.fixture(scope="module")
 def toy():
-    spec = importlib.util.spec_from_file_location("counting_toy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("counting_toy")
 
 
 def batch(toy, side=0.3, noise=0.0, seed=0, size=2000):

@@ -1,6 +1,5 @@
 """benchmarks/scene_ablation.py: the reference rows by hand, and the script end to end (tiny)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -8,17 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from tests import benchmark_scripts
 from tests.test_engine import make_tiny_data
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "scene_ablation.py"
+SCRIPT = benchmark_scripts.BENCHMARKS / "scene_ablation.py"
 
 
 @pytest.fixture(scope="module")
 def ablation():
-    spec = importlib.util.spec_from_file_location("scene_ablation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("scene_ablation")
 
 
 @pytest.fixture(scope="module")
