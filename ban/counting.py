@@ -60,15 +60,26 @@ class Counter(nn.Module):
 
     def forward(self, boxes: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         count, confidence = self.count(boxes, attention)
-        return self.to_one_hot(count) * confidence.unsqueeze(1)
+        one_hot = self.to_one_hot(count) * confidence.unsqueeze(1)
+        return one_hot.to(attention.dtype)
 
     def count(self, boxes: torch.Tensor, attention: torch.Tensor):
-        """The real-valued count `[B]` and its confidence `[B]` (inputs as for `forward`)."""
+        """The real-valued count `[B]` and its confidence `[B]` (inputs as for `forward`).
+
+        Computed in fp32 (or wider), also under autocast: the maps cut [0, 1] into 16 segments,
+        and in bf16 `16 x - k` keeps as few as 4 bits of the position within a segment (the
+        count's error, docs/performance.md). In fp32 the counter costs the same: it is small.
+        """
         if attention.shape[1] < self.objects:
             raise ValueError(
                 f"the counter needs at least {self.objects} boxes per image, got "
                 f"{attention.shape[1]}; pad the boxes (zero features) up to {self.objects}"
             )
+        dtype = torch.promote_types(attention.dtype, torch.float32)
+        with torch.autocast(attention.device.type, enabled=False):
+            return self._count(boxes.to(dtype), attention.to(dtype))
+
+    def _count(self, boxes: torch.Tensor, attention: torch.Tensor):
         # Only the most attended boxes matter; the others would barely change the count.
         attention, index = attention.topk(self.objects, dim=1)
         boxes = boxes.gather(2, index.unsqueeze(1).expand(-1, boxes.shape[1], -1))

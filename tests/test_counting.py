@@ -73,3 +73,22 @@ def test_needs_at_least_ten_boxes():
 
     with pytest.raises(ValueError, match="at least 10 boxes"):
         Counter()(torch.zeros(1, 4, 5), torch.zeros(1, 5))
+
+
+def test_counts_in_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    counter = Counter()
+    with torch.no_grad():
+        for f in counter.f:
+            f.weight.add_(torch.rand(17))
+    corners = torch.rand(64, 36, 2) * 0.7
+    boxes = torch.cat([corners, corners + 0.05 + torch.rand(64, 36, 2) * 0.3], 2).transpose(1, 2)
+    attention = (torch.randn(64, 36) * 3).bfloat16()  # as the bf16 attention logits come
+    expected = counter(boxes, attention.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        count, _ = counter.count(boxes, attention)
+        out = counter(boxes, attention)
+    assert count.dtype == torch.float32 and out.dtype == torch.bfloat16
+    assert torch.equal(out, expected.bfloat16())
+    # fp64 stays fp64 (a gradcheck needs it)
+    assert counter.count(boxes.double(), attention.double())[0].dtype == torch.float64
