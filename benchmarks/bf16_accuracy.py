@@ -14,8 +14,9 @@ there ~300x slower than fp32) `--emulate` (the default on CPU) keeps autocast an
 policy as they are and computes only the bf16 matrix products differently: as fp32 products of
 the same bf16 operands, rounded to bf16. bf16 hardware (GPU tensor cores, AMX) multiplies bf16
 operands exactly and accumulates in fp32, so this gives the same values up to the order of the
-additions. What differs from a GPU run is the casting policy itself: CPU autocast leaves the GRU
-in fp32, CUDA autocast runs cuDNN's GRU in bf16.
+additions. What differs from a GPU run is the casting policy itself: under CPU autocast the GRU's
+matrix products are bf16 but its gates and state stay fp32; CUDA autocast runs cuDNN's whole GRU
+in bf16.
 """
 
 from __future__ import annotations
