@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scene_ablation import ANSWER_TYPES, scores  # noqa: E402
+from scene_ablation import ANSWER_TYPES, scores, train_to_end  # noqa: E402
 
 from ban import configs, engine  # noqa: E402
 from ban.counting import Counter  # noqa: E402
@@ -151,19 +151,10 @@ def run(precision: str, seed: int, args: argparse.Namespace) -> dict:
     if args.data is not None:
         overrides["data"] = str(args.data)
     config = configs.override(configs.preset("ban-small"), overrides, source="bf16_accuracy")
-    resume = (run_dir / engine.STATE_FILE).is_file()
-    if resume:
-        config = configs.from_yaml(run_dir / "config.yaml")
-    print(f"== {precision} seed {seed}: {'resuming' if resume else 'training'} in {run_dir}")
     start = time.perf_counter()
     mode = EmulatedBF16Products() if precision == "bf16" and args.emulate else None
-    if mode is None:
-        trained = engine.train(config, run_dir, resume=resume, progress=False)
-    else:
-        with mode:
-            trained = engine.train(config, run_dir, resume=resume, progress=False)
-    if trained.status != "finished":
-        raise SystemExit(f"{precision} seed {seed} stopped ({trained.status}); run again")
+    with mode or contextlib.nullcontext():
+        config = train_to_end(config, run_dir, f"{precision} seed {seed}")
     result = {
         "precision": precision,
         "seed": seed,
@@ -182,28 +173,25 @@ def table(results: list[dict], seeds: list[int]) -> str:
         "| seed | " + " | ".join(f"fp32 {c} | bf16 {c} | diff" for c in COLUMNS) + " |",
         "| ---: | " + " | ".join("---: | ---: | ---:" for _ in COLUMNS) + " |",
     ]
-    diffs: dict[str, list[float]] = {c: [] for c in COLUMNS}
-    for seed in seeds:
-        if ("fp32", seed) not in by or ("bf16", seed) not in by:
-            continue
+    paired = [s for s in seeds if ("fp32", s) in by and ("bf16", s) in by]
+    for seed in paired:
         cells = []
         for c in COLUMNS:
             fp32, bf16 = by["fp32", seed][c], by["bf16", seed][c]
-            diffs[c].append(bf16 - fp32)
             cells.append(f"{fp32:.2f} | {bf16:.2f} | {bf16 - fp32:+.2f}")
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
-    n = len(diffs["overall"])
-    if n >= 2:
+    if len(paired) >= 2:
         cells = []
         for c in COLUMNS:
-            fp32 = [by["fp32", s][c] for s in seeds if ("bf16", s) in by and ("fp32", s) in by]
-            bf16 = [by["bf16", s][c] for s in seeds if ("bf16", s) in by and ("fp32", s) in by]
-            error = statistics.stdev(diffs[c]) / n**0.5
+            fp32 = [by["fp32", s][c] for s in paired]
+            bf16 = [by["bf16", s][c] for s in paired]
+            diffs = [b - a for a, b in zip(fp32, bf16, strict=True)]
+            error = statistics.stdev(diffs) / len(paired) ** 0.5
             cells.append(
                 f"{statistics.mean(fp32):.2f} | {statistics.mean(bf16):.2f} | "
-                f"{statistics.mean(diffs[c]):+.2f} ± {error:.2f}"
+                f"{statistics.mean(diffs):+.2f} ± {error:.2f}"
             )
-        lines.append(f"| mean of {n} | " + " | ".join(cells) + " |")
+        lines.append(f"| mean of {len(paired)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -45,8 +45,9 @@ CHANGES = {  # name: (the object, the attribute, its previous form)
 }
 
 
-def median_seconds(fn, steps):
-    fn()  # one untimed call after each switch
+def timed_calls(fn, steps):
+    """The seconds of `steps` calls of `fn`, after one untimed call (after each switch)."""
+    fn()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -80,9 +81,9 @@ def main(argv=None):
                 for now in (False, True):
                     setattr(owner, attribute, current if now else previous)
                     model.train()
-                    seconds["train", now] += median_seconds(train, args.steps)
+                    seconds["train", now] += timed_calls(train, args.steps)
                     model.eval()
-                    seconds["infer", now] += median_seconds(infer, args.steps)
+                    seconds["infer", now] += timed_calls(infer, args.steps)
         finally:
             setattr(owner, attribute, current)
         m = {key: statistics.median(values) for key, values in seconds.items()}

@@ -245,7 +245,7 @@ def main(argv=None):
                 rates[label] = measure(model, dtype, compiled, graphed)
             except Exception as error:  # one failing mode must not lose the others' figures
                 rates[label] = f"failed: {type(error).__name__}: {error}"[:400]
-        if isinstance(rates["original"], tuple) and fp32_eager is None:
+        if mode == "fp32 eager" and isinstance(rates["original"], tuple):
             fp32_eager = rates["original"]
         base = rates["original"] if isinstance(rates["original"], tuple) else fp32_eager
         for label in ("original", "ban"):

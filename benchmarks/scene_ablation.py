@@ -69,14 +69,8 @@ def run_row(name: str, seed: int, args: argparse.Namespace) -> dict:
     if args.data is not None:
         overrides["data"] = str(args.data)
     config = configs.override(configs.preset(args.preset), overrides, source="scene_ablation")
-    resume = (run_dir / engine.STATE_FILE).is_file()
-    if resume:
-        config = configs.from_yaml(run_dir / "config.yaml")
-    print(f"== {name} seed {seed}: {'resuming' if resume else 'training'} in {run_dir}", flush=True)
     start = time.perf_counter()
-    trained = engine.train(config, run_dir, resume=resume, progress=False)
-    if trained.status != "finished":
-        raise SystemExit(f"{name} seed {seed} stopped ({trained.status}); run again to resume")
+    config = train_to_end(config, run_dir, f"{name} seed {seed}")
     data_dir = engine.resolve_data(config.data)
     model = engine.build_model(config, data_dir)
     result = {
@@ -90,6 +84,19 @@ def run_row(name: str, seed: int, args: argparse.Namespace) -> dict:
     }
     atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def train_to_end(config: configs.TrainConfig, run_dir: Path, label: str) -> configs.TrainConfig:
+    """Train `config` into `run_dir`, or resume the run there (with its own config); the config
+    the run has. Exits when the run stops before its end."""
+    resume = (run_dir / engine.STATE_FILE).is_file()
+    if resume:
+        config = configs.from_yaml(run_dir / "config.yaml")
+    print(f"== {label}: {'resuming' if resume else 'training'} in {run_dir}", flush=True)
+    trained = engine.train(config, run_dir, resume=resume, progress=False)
+    if trained.status != "finished":
+        raise SystemExit(f"{label} stopped ({trained.status}); run again to resume")
+    return config
 
 
 def last_train_score(run_dir: Path) -> float:
