@@ -75,7 +75,7 @@ class Counter(nn.Module):
                 f"the counter needs at least {self.objects} boxes per image, got "
                 f"{attention.shape[1]}; pad the boxes (zero features) up to {self.objects}"
             )
-        dtype = torch.promote_types(attention.dtype, torch.float32)
+        dtype = torch.float64 if attention.dtype == torch.float64 else torch.float32
         with torch.autocast(attention.device.type, enabled=False):
             return self._count(boxes.to(dtype), attention.to(dtype))
 
