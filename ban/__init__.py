@@ -13,17 +13,15 @@ The public API:
 from ban.checkpoint import load, save
 from ban.model import (
     BAN,
-    PRESETS,
     BANConfig,
     BANGrounding,
     BANOutput,
-    build,
     count_parameters,
     flops_per_example,
-    preset,
 )
 from ban.official import load_official
 from ban.predict import Predictor
+from ban.presets import PRESETS, build, preset
 
 __version__ = "0.1.0"
 

@@ -30,12 +30,11 @@ from torch import nn
 from ban.counting import Counter
 from ban.layers import Dropout, FCNet, WeightNormLinear
 from ban.model import (
-    BAN,
     BANConfig,
     BANGrounding,
     BANOutput,
     Classifier,
-    WordEmbedding,
+    QuestionModel,
     box_mask_from_features,
     check_inputs,
 )
@@ -74,20 +73,8 @@ def last_token_states(states: torch.Tensor, q: torch.Tensor, padding_idx: int) -
     return states[torch.arange(states.shape[0], device=states.device), index]
 
 
-class _QuestionVectorModel(nn.Module):
+class _QuestionVectorModel(QuestionModel):
     """The embedding and GRU of BAN, read out at the last real token."""
-
-    def __init__(self, config: BANConfig):
-        super().__init__()
-        self.config = c = config
-        self.vocabulary: list[str] | None = None
-        self.answers: list[str] | None = None
-        self.notes: dict = {}
-        self.embedding = WordEmbedding(c.vocab_size, c.embedding_dim, c.tfidf_embedding)
-        self.question_encoder = nn.GRU(self.embedding.out_dim, c.hidden, batch_first=True)
-
-    init_embeddings = BAN.init_embeddings
-    encode_question = BAN.encode_question
 
     def question_vector(self, q: torch.Tensor, check_values: bool = True) -> torch.Tensor:
         states = self.encode_question(q, check_values)

@@ -17,7 +17,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from ban.files import atomic_write
-from ban.model import BAN, BANConfig, BANGrounding, build
+from ban.model import BAN, BANConfig, BANGrounding
+from ban.official import load_official
+from ban.presets import build
 
 FORMAT = "ban-checkpoint/1"
 
@@ -98,6 +100,14 @@ def load_any(
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if is_own_checkpoint(path):
         return load(path, device)
-    from ban.official import load_official
-
     return load_official(path, dictionary=dictionary, label2ans=label2ans, device=device)
+
+
+def convert_official(
+    source: str | os.PathLike,
+    target: str | os.PathLike,
+    dictionary: str | os.PathLike | None = None,
+    label2ans: str | os.PathLike | None = None,
+) -> Path:
+    """Write a release checkpoint in this project's format (one `.safetensors` file)."""
+    return save(load_official(source, dictionary, label2ans), target)

@@ -16,21 +16,29 @@ def _add_info(commands) -> None:
 
 
 def _run_info(args) -> int:
-    from ban import model as model_lib
+    from ban import configs, presets
+    from ban.checkpoint import load_any
+    from ban.model import describe
 
     if args.list:
-        for name, config in model_lib.PRESETS.items():
-            print(f"{name}: {config}")
+        print("models (ban info --preset NAME; ban train --model NAME):")
+        for name, config in presets.PRESETS.items():
+            print(f"  {name}: {config}")
+        print("training recipes (ban train --preset NAME):")
+        for name, recipe in configs.PRESETS.items():
+            print(f"  {name}: task {recipe.task}, model {recipe.model}, {recipe.epochs} epochs")
         return 0
     if args.checkpoint:
-        from ban.checkpoint import load_any
-
         model = load_any(args.checkpoint)
-        config = model.config
     else:
-        config = model_lib.preset(args.preset)
-        model = model_lib.build(config)
-    print(model_lib.describe(model, boxes=args.boxes))
+        name = args.preset
+        if name not in presets.PRESETS and name in configs.PRESETS:  # a recipe: its model
+            recipe = configs.PRESETS[name]
+            config = presets.preset(recipe.model, **recipe.model_overrides)
+        else:
+            config = presets.preset(name)
+        model = presets.build(config)
+    print(describe(model, boxes=args.boxes))
     return 0
 
 
@@ -46,7 +54,7 @@ def _add_convert_official(commands) -> None:
 
 
 def _run_convert_official(args) -> int:
-    from ban.official import convert_official
+    from ban.checkpoint import convert_official
 
     path = convert_official(
         args.input, args.output, dictionary=args.dictionary, label2ans=args.label2ans
@@ -109,6 +117,7 @@ def _run_train(args) -> int:
     import yaml
 
     from ban import configs, engine
+    from ban.tasks import task_for
 
     runtime = {"device": args.device, "num_workers": args.num_workers, "compile": args.compile}
     flags = {
@@ -151,12 +160,8 @@ def _run_train(args) -> int:
         progress=not args.quiet,
         argv=sys.argv,
     )
-    if result.report is not None and config.task == "flickr":
-        from ban.grounding import format_report
-
-        print(format_report(result.report))
-    elif result.report is not None:
-        print(engine.format_report(result.report))
+    if result.report is not None:
+        print(task_for(config).format_report(result.report))
     if result.status != "finished":
         p = result.progress
         print(
@@ -212,15 +217,18 @@ def _run_evaluate(args) -> int:
     from pathlib import Path
 
     from ban import engine
+    from ban.checkpoint import load_any
+    from ban.files import atomic_write_text, write_jsonl
+    from ban.tasks import vqa
 
     path, run_config = engine.resolve_checkpoint(args.checkpoint)
     device = engine.resolve_device(args.device)
     if args.task == "flickr" or (args.task is None and _is_grounding(path)):
         return _evaluate_flickr(args, path, run_config, device)
     args.split = args.split or "val2014"
-    data = engine.resolve_data(args.data or (run_config.data if run_config else None))
-    model = engine.load_checkpoint(path, device, args.dictionary, args.label2ans)
-    report, rows = engine.evaluate(
+    data = vqa.resolve_data(args.data or (run_config.data if run_config else None))
+    model = load_any(path, device, args.dictionary, args.label2ans)
+    report, rows = vqa.evaluate(
         model,
         data,
         args.split,
@@ -234,12 +242,12 @@ def _run_evaluate(args) -> int:
     report["checkpoint"] = str(path)
     out = Path(args.out) if args.out else path.parent / f"eval-{args.split}"
     out.mkdir(parents=True, exist_ok=True)
-    engine.atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    engine.write_predictions(rows, out / "predictions.jsonl")
-    print(engine.format_report(report))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_jsonl(rows, out / "predictions.jsonl")
+    print(vqa.format_report(report))
     print(f"wrote {out / 'report.json'} and {out / 'predictions.jsonl'}")
     if args.submission:
-        engine.write_submission(rows, args.submission)
+        vqa.write_submission(rows, args.submission)
         print(f"wrote {args.submission} ({len(rows)} answers)")
     if args.gallery > 0:
         from ban import viz
@@ -247,7 +255,7 @@ def _run_evaluate(args) -> int:
 
         gallery = out / "gallery"
         predictor = Predictor(model, data=data, device=device)
-        entries = engine.open_split(data, args.split).entries
+        entries = vqa.open_split(data, args.split).entries
         paths = viz.gallery(predictor, rows, entries, gallery, args.gallery)
         if "official" in report:
             by_type = report["official"]["by_question_type"]
@@ -270,7 +278,9 @@ def _evaluate_flickr(args, path, run_config, device) -> int:
     import json
     from pathlib import Path
 
-    from ban import checkpoint, engine, grounding
+    from ban import checkpoint
+    from ban.files import atomic_write_text, write_jsonl
+    from ban.tasks import grounding
 
     split = args.split or "val"
     data = grounding.resolve_data(args.data or (run_config.data if run_config else None))
@@ -289,8 +299,8 @@ def _evaluate_flickr(args, path, run_config, device) -> int:
     report["checkpoint"] = str(path)
     out = Path(args.out) if args.out else path.parent / f"eval-{split}-{protocol}"
     out.mkdir(parents=True, exist_ok=True)
-    engine.atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    grounding.write_predictions(rows, out / "predictions.jsonl")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_jsonl(rows, out / "predictions.jsonl")
     print(grounding.format_report(report))
     print(f"wrote {out / 'report.json'} and {out / 'predictions.jsonl'}")
     return 0
@@ -318,13 +328,11 @@ def _add_predict(commands) -> None:
 def _run_predict(args) -> int:
     import json
 
-    from ban import engine
     from ban.predict import Predictor
 
-    path, run_config = engine.resolve_checkpoint(args.checkpoint)
-    model = engine.load_checkpoint(path, args.device, args.dictionary, args.label2ans)
-    data = args.data or (run_config.data if run_config else None)
-    predictor = Predictor(model, data=data, device=args.device)
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, args.data, args.device, args.dictionary, args.label2ans
+    )
     image_id = args.image_id if args.image is None else predictor.add_picture(args.image)
     result = predictor(args.question, image_id, top_k=args.top_k, top_boxes=args.boxes)
     if args.json:
@@ -355,13 +363,10 @@ def _add_visualize(commands) -> None:
 
 
 def _run_visualize(args) -> int:
-    from ban import engine, viz
+    from ban import viz
     from ban.predict import Predictor
 
-    path, run_config = engine.resolve_checkpoint(args.checkpoint)
-    model = engine.load_checkpoint(path, args.device)
-    data = args.data or (run_config.data if run_config else None)
-    predictor = Predictor(model, data=data, device=args.device)
+    predictor = Predictor.from_checkpoint(args.checkpoint, args.data, args.device)
     images = viz.ImageFolder.for_data(predictor.data_dir, args.images)
     picture = viz.visualize(predictor, args.question, args.image_id, images, args.boxes)
     picture.save(args.out)

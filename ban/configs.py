@@ -43,6 +43,9 @@ class TrainConfig:
     log_every: int = 50  # optimizer steps between JSONL step records
     protocol: str = "any"  # flickr: 'any' (the release's) or 'merged' (one union box per phrase)
     compat: bool = False  # flickr: the release's phrase positions (first match, before commas)
+    # A NaN or infinite loss or gradient stops training with an error (False), or the step is
+    # skipped and counted in the epoch's record (True; reading the check waits for the device).
+    skip_nonfinite: bool = False
 
     def base_lr(self) -> float:
         """The base rate: explicit, or the release's rule (1e-3 train-only, 7e-4 train+val)."""

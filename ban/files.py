@@ -47,3 +47,17 @@ def read_json(path: str | os.PathLike):
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_jsonl(rows: list[dict], path: str | os.PathLike) -> None:
+    """One JSON object per line, atomically. A NaN or infinity is refused (it is not JSON),
+    naming the row."""
+    lines = []
+    for i, row in enumerate(rows):
+        try:
+            lines.append(json.dumps(row, allow_nan=False))
+        except ValueError:
+            raise ValueError(
+                f"{path}: row {i} holds a non-finite number and would not be valid JSON: {row}"
+            ) from None
+    atomic_write_text(path, "".join(line + "\n" for line in lines))

@@ -1,5 +1,6 @@
-"""VQA accuracy: the official metric (overall, by answer type, by question type) and the release's
-training-score approximation, named as such wherever it is reported.
+"""The metrics: VQA accuracy (the official metric, overall, by answer type, by question type, and
+the release's training-score approximation, named as such wherever it is reported) and Recall@K
+for phrase grounding.
 
 The official metric (shared/SPEC.md section 5) scores a predicted answer against the ten human
 answers: `min(1, #matches / 3)` averaged over the ten leave-one-out subsets of nine, after the
@@ -12,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from ban.data.vqa import vqa_accuracy
@@ -79,3 +81,59 @@ def vqa_report(
 
 def _means(groups: Mapping[str, list[float]]) -> dict[str, float]:
     return {key: 100 * sum(values) / len(values) for key, values in sorted(groups.items())}
+
+
+# --------------------------------------------------------------------------------------------
+# Recall@K for phrase grounding
+
+KS = (1, 5, 10)
+
+
+def ranked_boxes(scores: torch.Tensor, box_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """`[..., min(k, N)]` indices of the k best boxes; padded boxes last; ties go to the lower
+    index (a stable sort)."""
+    masked = scores.float().masked_fill(~box_mask, float("-inf"))
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+    return order[..., :k]
+
+
+def phrase_hits(
+    scores: torch.Tensor, positives: torch.Tensor, box_mask: torch.Tensor, ks=KS
+) -> torch.Tensor:
+    """`[P, len(ks)]` bool: whether a positive box is among phrase p's top-k real boxes.
+
+    `scores`, `positives [P, N]`, `box_mask [P, N]` (True = a real box). A padded box never counts
+    (it is ranked last and is never positive); with fewer than k real boxes all of them count.
+    """
+    positives = positives.bool() & box_mask
+    order = ranked_boxes(scores, box_mask, max(ks))
+    hit_at = positives.gather(1, order)  # [P, k] positives in rank order
+    found = torch.cumsum(hit_at.int(), dim=1) > 0  # [P, k]: a positive within the first j+1
+    return torch.stack([found[:, min(k, found.shape[1]) - 1] for k in ks], dim=1)
+
+
+def recall_report(
+    hits, covered, types: list[list[str]], protocol: str, ks=KS, type_order=()
+) -> dict[str, Any]:
+    """Recall@K (percent) over all phrases, the upper bound, and per-type recall (a phrase counts
+    once in each of its types; 'all' once). `hits [P, len(ks)]`, `covered [P]` bool; per-type
+    rows in `type_order` first, then any other type alphabetically."""
+    hits = np.asarray(hits, dtype=bool).reshape(-1, len(ks))
+    covered = np.asarray(covered, dtype=bool)
+
+    def summary(rows: np.ndarray) -> dict[str, Any]:
+        n = int(rows.sum())
+        out: dict[str, Any] = {"phrases": n}
+        for j, k in enumerate(ks):
+            out[f"R@{k}"] = 100.0 * float(hits[rows, j].mean()) if n else float("nan")
+        out["upper_bound"] = 100.0 * float(covered[rows].mean()) if n else float("nan")
+        return out
+
+    everything = np.ones(len(covered), dtype=bool)
+    report = {"protocol": protocol, **summary(everything), "per_type": {}}
+    names = list(type_order) + sorted({t for ts in types for t in ts} - set(type_order))
+    for name in names:
+        rows = np.array([name in ts for ts in types], dtype=bool)
+        if rows.any():
+            report["per_type"][name] = summary(rows)
+    return report

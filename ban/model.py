@@ -77,30 +77,6 @@ class BANConfig:
         return cls(**values)
 
 
-PRESETS: dict[str, BANConfig] = {
-    # The released best single model: BAN-8, H 1280, 'c' embedding, counter (90,618,566 params).
-    "ban-8-vqa": BANConfig(),
-    # The paper's ablation size: H 1024, one GloVe table, no counter (Table 1-2).
-    "ban-8-ablation": BANConfig(hidden=1024, tfidf_embedding=False, counter=False),
-    # The release's Flickr30k Entities model: attention logits only, one glimpse.
-    "ban-flickr": BANConfig(tfidf_embedding=False, glimpses=1, counter=False, task="grounding"),
-    # A CPU-sized model for the built-in scene benchmark. Without dropout: with the release's
-    # (0.2 / 0.5 / 0.5) it stays at chance there for as long as a CPU run lasts (docs/benchmark.md).
-    "ban-small": BANConfig(
-        vocab_size=200, embedding_dim=64, tfidf_embedding=False, hidden=128, glimpses=4,
-        num_answers=100, visual_dim=128, counter=True,
-        dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0,
-    ),
-}  # fmt: skip
-
-
-def preset(name: str, **overrides) -> BANConfig:
-    """A named configuration, with fields overridden: `preset('ban-8-vqa', glimpses=4)`."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    return BANConfig.from_dict({**PRESETS[name].to_dict(), **overrides})
-
-
 class BANOutput(NamedTuple):
     logits: torch.Tensor  # [B, A] answer logits (VQA) or [B, E, N] box scores (grounding)
     attention: torch.Tensor  # [B, G, N, T] attention maps (softmax over N x T per glimpse)
@@ -186,47 +162,18 @@ def _require_bilinear(config: BANConfig) -> None:
         )
 
 
-class BAN(nn.Module):
-    """Bilinear Attention Network for VQA.
-
-    `model(v, b, q)` with region features `v [B, N, Dv]` (all-zero rows are padding, or pass
-    `box_mask [B, N]`), spatials `b [B, N, >=4]` (normalised x1, y1, x2, y2 first) and token ids
-    `q [B, T]` right-padded with `config.vocab_size`, returns `BANOutput`.
-
-    Shapes are always checked. `check_values=False` skips the checks that read the inputs'
-    values (token ids in range, a box in every image): on a GPU they wait for the device, a host
-    synchronisation in every step (and a graph break under torch.compile). ban's data pipeline
-    checks values on the host, so its engine passes False.
-    """
+class QuestionModel(nn.Module):
+    """What every model here starts with: the word embedding and the GRU over all tokens, plus
+    the vocabulary, answers and notes that checkpoints carry."""
 
     def __init__(self, config: BANConfig):
         super().__init__()
-        _require_bilinear(config)
         self.config = c = config
         self.vocabulary: list[str] | None = None  # set by loaders when known
         self.answers: list[str] | None = None
         self.notes: dict = {}  # saved with checkpoints (e.g. where the weights came from)
         self.embedding = WordEmbedding(c.vocab_size, c.embedding_dim, c.tfidf_embedding)
         self.question_encoder = nn.GRU(self.embedding.out_dim, c.hidden, batch_first=True)
-        self.attention = BilinearAttentionMap(
-            c.visual_dim, c.hidden, c.hidden, c.glimpses, c.rank, c.dropout, c.attention_dropout
-        )
-        self.pooling = nn.ModuleList(
-            BilinearPooling(c.visual_dim, c.hidden, c.hidden, rank=1, dropout=c.dropout)
-            for _ in range(c.glimpses)
-        )
-        self.question_projections = nn.ModuleList(
-            FCNet(c.hidden, c.hidden, relu=False, dropout=c.dropout) for _ in range(c.glimpses)
-        )
-        if c.counter:
-            self.counter = Counter(c.max_objects)
-            self.count_projections = nn.ModuleList(
-                FCNet(c.max_objects + 1, c.hidden, relu=True) for _ in range(c.glimpses)
-            )
-        classifier_in = c.hidden * c.glimpses if c.fusion == "concat" else c.hidden
-        self.classifier = Classifier(
-            classifier_in, 2 * c.hidden, c.num_answers, c.classifier_dropout
-        )
 
     @torch.no_grad()
     def init_embeddings(self, glove=None, tfidf=None) -> None:
@@ -258,6 +205,44 @@ class BAN(nn.Module):
         # A batch-first GRU returns a time-major view; contiguous, every linear layer on the
         # token states is one matrix product instead of B small ones over a broadcast weight.
         return states.contiguous()
+
+
+class BAN(QuestionModel):
+    """Bilinear Attention Network for VQA.
+
+    `model(v, b, q)` with region features `v [B, N, Dv]` (all-zero rows are padding, or pass
+    `box_mask [B, N]`), spatials `b [B, N, >=4]` (normalised x1, y1, x2, y2 first) and token ids
+    `q [B, T]` right-padded with `config.vocab_size`, returns `BANOutput`.
+
+    Shapes are always checked. `check_values=False` skips the checks that read the inputs'
+    values (token ids in range, a box in every image): on a GPU they wait for the device, a host
+    synchronisation in every step (and a graph break under torch.compile). ban's data pipeline
+    checks values on the host, so its engine passes False.
+    """
+
+    def __init__(self, config: BANConfig):
+        _require_bilinear(config)
+        super().__init__(config)
+        c = config
+        self.attention = BilinearAttentionMap(
+            c.visual_dim, c.hidden, c.hidden, c.glimpses, c.rank, c.dropout, c.attention_dropout
+        )
+        self.pooling = nn.ModuleList(
+            BilinearPooling(c.visual_dim, c.hidden, c.hidden, rank=1, dropout=c.dropout)
+            for _ in range(c.glimpses)
+        )
+        self.question_projections = nn.ModuleList(
+            FCNet(c.hidden, c.hidden, relu=False, dropout=c.dropout) for _ in range(c.glimpses)
+        )
+        if c.counter:
+            self.counter = Counter(c.max_objects)
+            self.count_projections = nn.ModuleList(
+                FCNet(c.max_objects + 1, c.hidden, relu=True) for _ in range(c.glimpses)
+            )
+        classifier_in = c.hidden * c.glimpses if c.fusion == "concat" else c.hidden
+        self.classifier = Classifier(
+            classifier_in, 2 * c.hidden, c.num_answers, c.classifier_dropout
+        )
 
     def forward(
         self,
@@ -302,7 +287,7 @@ class BAN(nn.Module):
         return BANOutput(self.classifier(pooled), maps, logits)
 
 
-class BANGrounding(nn.Module):
+class BANGrounding(QuestionModel):
     """The release's phrase-grounding model: bilinear attention logits of phrases over boxes.
 
     The caption goes through the embedding and GRU; phrase j is the GRU state at its last token;
@@ -316,20 +301,12 @@ class BANGrounding(nn.Module):
     padding_score = -99.0
 
     def __init__(self, config: BANConfig):
-        super().__init__()
         _require_bilinear(config)
-        self.config = c = config
-        self.vocabulary: list[str] | None = None
-        self.answers: list[str] | None = None
-        self.notes: dict = {}  # saved with checkpoints (e.g. where the weights came from)
-        self.embedding = WordEmbedding(c.vocab_size, c.embedding_dim, c.tfidf_embedding)
-        self.question_encoder = nn.GRU(self.embedding.out_dim, c.hidden, batch_first=True)
+        super().__init__(config)
+        c = config
         self.attention = BilinearAttentionMap(
             c.visual_dim, c.hidden, c.hidden, c.glimpses, c.rank, c.dropout, c.attention_dropout
         )
-
-    init_embeddings = BAN.init_embeddings
-    encode_question = BAN.encode_question
 
     def forward(
         self,
@@ -347,21 +324,6 @@ class BANGrounding(nn.Module):
         logits = self.attention.logits(v, phrases)[:, 0]  # [B, N, E], one glimpse
         logits = logits.masked_fill(~box_mask.unsqueeze(2), self.padding_score)
         return logits.transpose(1, 2)  # [B, E, N]
-
-
-def build(config: BANConfig) -> nn.Module:
-    """The model a configuration describes: BAN, or a baseline of ban/baselines.py."""
-    from ban import baselines
-
-    if config.task == "grounding":
-        if config.attention == "unitary":
-            return baselines.UnitaryGrounding(config)
-        return BANGrounding(config)
-    return {
-        "bilinear": BAN,
-        "unitary": baselines.UnitaryAttentionVQA,
-        "none": baselines.QuestionOnly,
-    }[config.attention](config)
 
 
 def count_parameters(model: nn.Module) -> int:

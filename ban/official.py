@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ban.checkpoint import save
-from ban.model import BAN, BANConfig, BANGrounding, build
+from ban.model import BAN, BANConfig, BANGrounding
+from ban.presets import build
 
 # The release's key -> this project's key (applied after the `module.` prefix is removed).
 _RENAMES = [
@@ -162,16 +162,6 @@ def load_official(
             )
         model.answers = answers
     return model.to(device).eval()
-
-
-def convert_official(
-    source: str | os.PathLike,
-    target: str | os.PathLike,
-    dictionary: str | os.PathLike | None = None,
-    label2ans: str | os.PathLike | None = None,
-) -> Path:
-    """Write a release checkpoint in this project's format (one `.safetensors` file)."""
-    return save(load_official(source, dictionary, label2ans), target)
 
 
 class _PlainUnpickler(pickle.Unpickler):

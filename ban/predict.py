@@ -15,6 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ban.checkpoint import load_any
+from ban.engine.runs import resolve_checkpoint
+from ban.tasks.vqa import resolve_data
 from ban.text import UNK, Dictionary
 
 
@@ -52,8 +55,6 @@ class Predictor:
         data: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
-        from ban.engine import resolve_data
-
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.data_dir = resolve_data(data)
@@ -89,13 +90,12 @@ class Predictor:
         dictionary: str | os.PathLike | None = None,
         label2ans: str | os.PathLike | None = None,
     ) -> Predictor:
-        """Load this project's checkpoint, or one of the original release (through
-        `ban.load_official`, with its `dictionary.pkl` / `trainval_label2ans.pkl` when given)."""
-        from ban.checkpoint import load_any
-
-        return cls(
-            load_any(path, dictionary=dictionary, label2ans=label2ans), data=data, device=device
-        )
+        """Load a run directory (its best checkpoint, on the run's data unless `data` is given),
+        this project's checkpoint, or one of the original release (through `ban.load_official`,
+        with its `dictionary.pkl` / `trainval_label2ans.pkl` when given)."""
+        checkpoint, run_config = resolve_checkpoint(path)
+        model = load_any(checkpoint, device, dictionary=dictionary, label2ans=label2ans)
+        return cls(model, data=data or (run_config.data if run_config else None), device=device)
 
     def add_picture(self, picture, image_id: int | None = None) -> int:
         """Featurise a new picture (a path or a PIL image) as the data's features were made

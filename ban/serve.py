@@ -550,11 +550,5 @@ def load_app(
     device: str = "cpu",
 ) -> App:
     """Load the model once: a checkpoint file or run directory, on the run's data by default."""
-    from ban import engine
-
-    path, run_config = engine.resolve_checkpoint(checkpoint)
-    model = engine.load_checkpoint(path, device)
-    predictor = Predictor(
-        model, data=data or (run_config.data if run_config else None), device=device
-    )
+    predictor = Predictor.from_checkpoint(checkpoint, data, device)
     return App(predictor, ImageFolder.for_data(predictor.data_dir, images))

@@ -39,6 +39,7 @@ from scene_ablation import ANSWER_TYPES, scores, train_to_end  # noqa: E402
 from ban import configs, engine  # noqa: E402
 from ban.counting import Counter  # noqa: E402
 from ban.files import atomic_write_text  # noqa: E402
+from ban.tasks import vqa  # noqa: E402
 
 aten = torch.ops.aten
 MATRIX_PRODUCTS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.mv, aten.dot}
@@ -161,7 +162,7 @@ def run(precision: str, seed: int, args: argparse.Namespace) -> dict:
         "emulated": mode is not None,
         "emulated_products": mode.products if mode else 0,
         "minutes": (time.perf_counter() - start) / 60,
-        **scores(run_dir, engine.resolve_data(config.data)),
+        **scores(run_dir, vqa.resolve_data(config.data)),
     }
     atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
     return result

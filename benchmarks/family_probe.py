@@ -22,14 +22,15 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader, Subset
 
-from ban import configs, engine
+from ban import configs
 from ban.data.prepare import read_manifest
+from ban.tasks import vqa
 
 
 def family_subset(data_dir: Path, split: str, families: set[str]) -> Subset:
     raw_dir = Path(read_manifest(data_dir)["raw_dir"])
     of = json.loads((raw_dir / "scenes.json").read_text())["splits"][split]["families"]
-    dataset = engine.open_split(data_dir, split)
+    dataset = vqa.open_split(data_dir, split)
     keep = [i for i, e in enumerate(dataset.entries) if of[str(e["question_id"])] in families]
     return Subset(dataset, keep)
 
@@ -38,7 +39,7 @@ def family_subset(data_dir: Path, split: str, families: set[str]) -> Subset:
 def score(model: torch.nn.Module, dataset: Subset) -> float:
     model.eval()
     total = 0.0
-    for batch in DataLoader(dataset, batch_size=256, collate_fn=engine.collate):
+    for batch in DataLoader(dataset, batch_size=256, collate_fn=vqa.collate):
         logits = model(batch["features"], batch["spatials"], batch["question"]).logits
         total += batch["target"].gather(1, logits.argmax(1, keepdim=True)).sum().item()
     model.train()
@@ -58,7 +59,7 @@ def main() -> None:
                         help="a BANConfig field, e.g. --set counter=false")  # fmt: skip
     parser.add_argument("--data", type=Path, help="prepared benchmark (default: the built-in)")
     args = parser.parse_args()
-    data_dir = engine.resolve_data(str(args.data) if args.data else None)
+    data_dir = vqa.resolve_data(str(args.data) if args.data else None)
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -67,7 +68,7 @@ def main() -> None:
     train = family_subset(data_dir, "train2014", set(args.family))
     val = family_subset(data_dir, "val2014", set(args.family))
     torch.manual_seed(args.seed)
-    model = engine.build_model(config, data_dir)
+    model = vqa.build_model(config, data_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adamax(params, lr=args.lr)
     order = torch.Generator().manual_seed(args.seed)
@@ -75,7 +76,7 @@ def main() -> None:
     step, start = 0, time.perf_counter()
     while step < args.steps:
         loader = DataLoader(train, args.batch_size, shuffle=True, generator=order,
-                            collate_fn=engine.collate)  # fmt: skip
+                            collate_fn=vqa.collate)  # fmt: skip
         for batch in loader:
             logits = model(batch["features"], batch["spatials"], batch["question"]).logits
             loss = F.binary_cross_entropy_with_logits(logits, batch["target"]) * logits.shape[1]

@@ -27,6 +27,7 @@ from ban import configs, engine
 from ban.data.prepare import read_manifest
 from ban.files import atomic_write_text
 from ban.model import count_parameters
+from ban.tasks import vqa
 
 # name: (what it is, BANConfig overrides on the ban-small model preset)
 # The release's dropout rates (ban-small has none; docs/benchmark.md says why).
@@ -71,8 +72,8 @@ def run_row(name: str, seed: int, args: argparse.Namespace) -> dict:
     config = configs.override(configs.preset(args.preset), overrides, source="scene_ablation")
     start = time.perf_counter()
     config = train_to_end(config, run_dir, f"{name} seed {seed}")
-    data_dir = engine.resolve_data(config.data)
-    model = engine.build_model(config, data_dir)
+    data_dir = vqa.resolve_data(config.data)
+    model = vqa.build_model(config, data_dir)
     result = {
         "row": name,
         "seed": seed,
@@ -218,7 +219,7 @@ def main() -> None:
         results = [run_row(name, seed, args) for name in args.rows for seed in args.seeds]
     seeds = sorted({r["seed"] for r in results})
     epochs = sorted({r["epochs"] for r in results})
-    results += reference_rows(engine.resolve_data(str(args.data) if args.data else None))
+    results += reference_rows(vqa.resolve_data(str(args.data) if args.data else None))
     text = table(results)
     header = (
         "Official VQA accuracy (%) on val2014 of the built-in benchmark, last epoch ('train': "

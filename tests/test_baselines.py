@@ -12,7 +12,8 @@ from ban.baselines import (
     UnitaryGrounding,
     last_token_states,
 )
-from ban.model import BAN, BANGrounding, preset
+from ban.model import BAN, BANGrounding
+from ban.presets import preset
 
 VOCAB, DV = 30, 12
 

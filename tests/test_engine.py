@@ -13,7 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ban import configs, engine
+from ban import configs, engine, presets
+from ban.checkpoint import load_any
+from ban.files import atomic_write, atomic_write_text
+from ban.tasks import vqa
 
 # A tiny model: seconds per epoch on one CPU core.
 TINY_MODEL = {"model.hidden": 16, "model.glimpses": 2, "model.embedding_dim": 8}
@@ -173,13 +176,13 @@ def test_check_batch_names_the_question_and_the_image():
         "image_id": [21, 22],
     }
     with pytest.raises(ValueError, match=r"question 12: token ids must be in 0..30 .*\[3, 31\]"):
-        engine.check_batch(batch, vocab_size=30)
+        vqa.check_batch(batch, vocab_size=30)
     batch["question"][1, 1] = 30  # the padding index
     batch["box_mask"][0] = False
     with pytest.raises(ValueError, match=r"image 21 \(question 11\) has no boxes"):
-        engine.check_batch(batch, vocab_size=30)
+        vqa.check_batch(batch, vocab_size=30)
     batch["box_mask"][0, 1] = True
-    engine.check_batch(batch, vocab_size=30)
+    vqa.check_batch(batch, vocab_size=30)
 
 
 def test_resume_refuses_another_config(tiny_data, tmp_path):
@@ -217,47 +220,45 @@ def test_bf16_autocast_trains(tiny_data, tmp_path):
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     path = tmp_path / "f.bin"
-    engine.atomic_write_text(path, "old")
+    atomic_write_text(path, "old")
 
     def failing(tmp):
         tmp.write_text("half")
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError):
-        engine.atomic_write(path, failing)
+        atomic_write(path, failing)
     assert path.read_text() == "old"
     assert list(tmp_path.iterdir()) == [path]
 
 
 def test_clear_errors_for_data_and_checkpoints(tiny_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        engine.resolve_data(tmp_path / "nowhere")
+        vqa.resolve_data(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
-        engine.resolve_data(tmp_path / "empty")
+        vqa.resolve_data(tmp_path / "empty")
     with pytest.raises(ValueError, match="split 'val2017' is not in"):
-        engine.open_split(tiny_data, "val2017")
+        vqa.open_split(tiny_data, "val2017")
     # a model of other data: another answer list
-    from ban import model as model_lib
-
-    model = model_lib.build(model_lib.preset("ban-small", visual_dim=16, hidden=8, glimpses=1))
+    model = presets.build(presets.preset("ban-small", visual_dim=16, hidden=8, glimpses=1))
     model.answers = ["a", "b"]
     with pytest.raises(ValueError, match="answer list"):
-        engine.evaluate(model, tiny_data, "val2014")
+        vqa.evaluate(model, tiny_data, "val2014")
     model.answers = None
     with pytest.raises(ValueError, match="answers"):
-        engine.evaluate(model, tiny_data, "val2014")
+        vqa.evaluate(model, tiny_data, "val2014")
 
 
 def test_evaluate_and_submission(tiny_data, tmp_path):
     engine.train(tiny_config(tiny_data, epochs=1), tmp_path / "run", progress=False)
     path, config = engine.resolve_checkpoint(tmp_path / "run")
     assert path.name == "best.safetensors" and config.data == str(tiny_data)
-    model = engine.load_checkpoint(path)
-    report, rows = engine.evaluate(model, tiny_data, "test2015", top_k=3)
+    model = load_any(path)
+    report, rows = vqa.evaluate(model, tiny_data, "test2015", top_k=3)
     assert "official" not in report and report["questions"] == len(rows) > 0
     assert all(len(r["top_k"]) == 3 for r in rows)
-    engine.write_submission(rows, tmp_path / "sub.json")
+    vqa.write_submission(rows, tmp_path / "sub.json")
     sub = json.loads((tmp_path / "sub.json").read_text())
     assert sub[0].keys() == {"question_id", "answer"} and isinstance(sub[0]["question_id"], int)
 

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import ban
-from ban import cli, configs, engine, grounding
+from ban import cli, configs, engine, metrics
 from ban.data import flickr
 from ban.data.features import Region, write_tsv
+from ban.tasks import grounding
 
 
 def test_recall_at_k_ranks_real_boxes_with_stable_ties():
@@ -26,9 +27,9 @@ def test_recall_at_k_ranks_real_boxes_with_stable_ties():
         [[0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]], dtype=torch.bool
     )
     box_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0]]).bool()
-    hits = grounding.phrase_hits(scores, positives, box_mask, ks=(1, 2, 10))
+    hits = metrics.phrase_hits(scores, positives, box_mask, ks=(1, 2, 10))
     assert hits.int().tolist() == [[0, 1, 1], [0, 1, 1], [0, 0, 0], [0, 0, 0]]
-    top = grounding.ranked_boxes(scores, box_mask, 4)
+    top = metrics.ranked_boxes(scores, box_mask, 4)
     assert top[1].tolist() == [0, 1, 2, 3]  # the padded box last
     assert top[3].tolist()[:3] == [1, 0, 2]
 
@@ -37,7 +38,9 @@ def test_recall_report_counts_misses_and_types():
     hits = np.array([[1, 1, 1], [0, 1, 1], [0, 0, 0], [0, 0, 1]], dtype=bool)
     covered = np.array([1, 1, 0, 1], dtype=bool)  # phrase 2: no proposal covers it, a miss
     types = [["people"], ["bodyparts", "people"], ["scene"], ["other"]]
-    report = grounding.recall_report(hits, covered, types, "any", ks=(1, 5, 10))
+    report = metrics.recall_report(
+        hits, covered, types, "any", ks=(1, 5, 10), type_order=flickr.TYPES
+    )
     assert report["protocol"] == "any" and report["phrases"] == 4
     assert report["R@1"] == 25.0 and report["R@5"] == 50.0 and report["R@10"] == 75.0
     assert report["upper_bound"] == 75.0
@@ -56,9 +59,13 @@ def test_token_ids_are_checked_on_the_host_naming_the_image():
              "positions": torch.tensor([[1], [1]]), "box_mask": torch.ones(2, 5, dtype=torch.bool),
              "meta": [{"image_id": 7}, {"image_id": 8}]}  # fmt: skip
     with pytest.raises(ValueError, match=r"image 8: token ids must be in 0..10 .*\[3, 11, 10\]"):
-        grounding._forward(model, batch, torch.device("cpu"))
+        grounding.forward(model, batch, torch.device("cpu"), model.config.vocab_size)
     batch["q"][1, 1] = 4
-    assert grounding._forward(model, batch, torch.device("cpu")).shape == (2, 1, 5)
+    assert grounding.forward(model, batch, torch.device("cpu"), model.config.vocab_size).shape == (
+        2,
+        1,
+        5,
+    )
 
 
 def test_loss_is_bce_summed_over_real_phrases_divided_by_captions():
@@ -177,7 +184,7 @@ def test_tiny_end_to_end_train_and_evaluate(prepared, tmp_path, capsys):
     assert result.status == "finished" and result.report["protocol"] == "any"
     run = tmp_path / "run"
     assert (run / "best.safetensors").is_file() and (run / "report.json").is_file()
-    assert sum(1 for _ in open(run / "predictions-val.jsonl")) == 9
+    assert sum(1 for _ in open(run / "predictions.jsonl")) == 9
     code = cli.main(["evaluate", str(run), "--split", "test", "--protocol", "merged"])
     assert code == 0
     out = capsys.readouterr().out

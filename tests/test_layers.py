@@ -28,9 +28,15 @@ def test_weight_norm_has_one_scalar_gain():
 
 
 def test_fcnet_order_is_dropout_linear_relu():
-    net = FCNet(4, 6, relu=True, dropout=0.5).eval()
+    net = FCNet(4, 6, relu=True, dropout=0.5).train()
     x = torch.randn(3, 4)
-    assert torch.equal(net(x), torch.relu(net.linear(x)))
+    torch.manual_seed(0)
+    got = net(x)
+    torch.manual_seed(0)
+    assert torch.equal(got, torch.relu(net.linear(Dropout(0.5)(x))))  # dropout on the input
+    torch.manual_seed(0)
+    assert not torch.equal(got, Dropout(0.5)(torch.relu(net.linear(x))))
+    assert torch.equal(net.eval()(x), torch.relu(net.linear(x)))  # no dropout in eval
     assert FCNet(4, 6, relu=False)(x).min() < 0
 
 

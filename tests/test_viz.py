@@ -38,12 +38,10 @@ def test_visualize_writes_the_picture(run, tmp_path, capsys):
 
 
 def test_attention_maps_and_glimpse_colours(run):
-    from ban import engine
     from ban.predict import Predictor
 
     run_dir, data = run
-    path, _ = engine.resolve_checkpoint(run_dir)
-    predictor = Predictor(engine.load_checkpoint(path), data=data)
+    predictor = Predictor.from_checkpoint(run_dir, data=data)
     entry = first_question(data)
     prediction, attention = viz.attend(predictor, entry["question"], entry["image_id"])
     glimpses = TINY_MODEL["model.glimpses"]
