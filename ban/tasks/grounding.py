@@ -201,9 +201,7 @@ def evaluate(
     model.eval()
     all_hits, all_covered, all_types, rows = [], [], [], []
     loss_sum, captions = 0.0, 0
-    batches = tqdm(
-        loader(dataset, batch_size), desc="evaluate", disable=not progress, leave=False
-    )
+    batches = tqdm(loader(dataset, batch_size), desc="evaluate", disable=not progress, leave=False)
     for batch in batches:
         with autocast(device, amp):
             scores = forward(model, batch, device, model.config.vocab_size).float().cpu()
