@@ -239,3 +239,50 @@ def test_grounding_trains_with_bf16_autocast_and_the_unitary_baseline(prepared, 
     assert result.status == "finished" and 0 <= result.report["R@1"] <= 100
     model = ban.load(tmp_path / "run" / "best.safetensors")
     assert type(model).__name__ == "UnitaryGrounding"
+
+
+@pytest.mark.slow
+def test_grounding_trains_under_ddp_like_one_process(prepared, tmp_path):
+    """Grounding gains DDP from the one engine: 2 gloo processes (local batch 2) against 1 (batch
+    4) take the same captions per step, so the same gradient norms and weights up to summation
+    order."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.test_engine import _free_port
+
+    common = ["--task", "flickr", "--data", str(prepared), "--epochs", "2", "--batch-size", "4",
+              "--quiet", "--set", "model.hidden=16", "--set", "model.embedding_dim=8",
+              "--set", "model.dropout=0", "--set", "model.attention_dropout=0",
+              "--set", "log_every=1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "ban", "train", "--out", str(tmp_path / "one"), *common],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         f"--master_port={_free_port()}", "-m", "ban", "train", "--out", str(tmp_path / "two"),
+         *common],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr
+
+    def steps(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["kind"] == "step"]
+
+    assert len(steps("one")) == len(steps("two")) == 4
+    for a, b in zip(steps("one"), steps("two"), strict=True):
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+    wa = load_file(str(tmp_path / "one" / "last.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "last.safetensors"))
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-3, atol=1e-3, msg=key)
+    report_one = json.loads((tmp_path / "one" / "report.json").read_text())
+    report_two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report_one["phrases"] == report_two["phrases"]
