@@ -3,7 +3,7 @@ question type, and the server's two-decimal view), and the release's training-sc
 approximation, named as such wherever it is reported.
 
 The official evaluator is GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py
-(docs/reference.md, "Evaluation protocols"). Reported numbers are percentages.
+(docs/reference.md, section 5). Reported numbers are percentages.
 """
 
 from __future__ import annotations

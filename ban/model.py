@@ -1,6 +1,6 @@
 """BAN for VQA and for phrase grounding, assembled from `ban.layers` and `ban.counting`.
 
-Read next to the paper (Kim, Jun and Zhang, NeurIPS 2018) and shared/SPEC.md section 1:
+Read next to the paper (Kim, Jun and Zhang, NeurIPS 2018) and docs/reference.md section 1:
 
     X0 = GRU(embed(q))                                  question token states   [B, T, H]
     A, L = BilinearAttentionMap(Y, X0)                  maps and logits         [B, G, N, T]
