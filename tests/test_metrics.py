@@ -2,6 +2,7 @@
 official evaluator (property-based); the server's rounded view; the training-score approximation.
 """
 
+import json
 import re
 
 import pytest
@@ -336,3 +337,47 @@ def test_format_official_prints_two_decimals_per_type():
     assert len(metrics.format_official(metrics.vqa_report(predictions, server_annotations()),
                                        width=20).splitlines()) == 6  # fmt: skip
     assert len(lines) == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/metric_change.py: the earlier function and the rescoring of a run
+
+
+def test_metric_change_script_rescores_a_run(tmp_path, capsys):
+    from ban import configs
+    from ban.data.prepare import load_prepared, prepare
+    from tests.benchmark_scripts import load
+    from tests.test_prepare import make_raw
+
+    script = load("metric_change")
+    # the issue's figures for the earlier function
+    assert script.earlier_vqa_accuracy("2", ["two"] * 2 + ["2"] * 2 + ["no"] * 6) == pytest.approx(
+        0.6
+    )
+    assert script.earlier_vqa_accuracy("yes", ["yes "] * 9 + ["yes"]) == pytest.approx(0.3)
+
+    raw = tmp_path / "raw"
+    make_raw(raw, vg=False, glove=False)
+    data = prepare(raw, tmp_path / "data", min_answer_count=2, progress=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    config = configs.override(configs.preset("ban-small"), {"data": str(data)})
+    configs.save_yaml(config, run / "config.yaml")
+    annotations = load_prepared(data, "val2014").annotations()
+    # "two" everywhere: the "how many" questions (2 x3, two x5, 3 x2) score 1.0 officially but
+    # 0.9 earlier, since the human "two"s were not turned into "2"
+    answers = {qid: "two" for qid in annotations}
+    rows = [{"question_id": q, "answer": a} for q, a in answers.items()]
+    (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert script.main([str(run)]) == 0
+    out = capsys.readouterr().out
+    official = metrics.vqa_report(answers, annotations)
+    earlier = [
+        script.earlier_vqa_accuracy(answers[q], a["answers"]) for q, a in annotations.items()
+    ]
+    assert official["overall"] > 100 * sum(earlier) / len(earlier)
+    line = next(x for x in out.splitlines() if x.startswith("overall"))
+    assert line.split()[1:3] == [f"{100 * sum(earlier) / len(earlier):.2f}",
+                                 f"{official['overall']:.2f}"]  # fmt: skip
+    assert "questions scored lower by the earlier metric" in out
+    assert "per question type:" in out
