@@ -505,6 +505,7 @@ def test_bad_caption_file_is_named(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"captions_train2014.json: annotations\[1\] has no"):
         prepare(raw, tmp_path / "out", min_answer_count=2, progress=False)
+    assert not (tmp_path / "out").exists()  # checked before the feature conversion
     with pytest.raises(MissingFilesError, match="captions_val2017.json"):
         prepare(raw, tmp_path / "out", captions=[raw / "captions_val2017.json"], progress=False)
 

@@ -279,6 +279,9 @@ def prepare(
         annotations[s] = load_annotations(annotation_paths[s])
         if s in questions:
             match_annotations(questions[s], annotations[s], question_paths[s], annotation_paths[s])
+    captions_read = {}  # path -> captions, for the tf-idf texts
+    if tfidf and found["glove"] is not None:
+        captions_read = {str(p): load_captions(p) for p in found["captions"]}
     vg_questions = vg_coco = None
     if use_vg and found["vg"] is not None:
         vg_questions = load_vg_questions(found["vg"]["vg questions"])
@@ -426,10 +429,7 @@ def prepare(
             texts = [q["question"] for s in vqa_splits for q in questions[s]]
             if vg_questions is not None:
                 texts += [q["question"] for q in vg_questions]
-            caption_counts = {}
-            for path in found["captions"]:
-                caption_texts = load_captions(path)
-                caption_counts[str(path)] = len(caption_texts)
+            for caption_texts in captions_read.values():
                 texts += caption_texts
             init = tfidf_init(texts, dictionary, glove_path, fix_idf)
             _save_npy(out_dir / "tfidf.npy", init)
@@ -439,7 +439,7 @@ def prepare(
                 "texts": len(texts),
                 "vqa_splits": vqa_splits,
                 "vg": vg_questions is not None,
-                "captions": caption_counts,
+                "captions": {p: len(c) for p, c in captions_read.items()},
             }
         say(f"GloVe: {hits} of {len(dictionary)} words found")
 
