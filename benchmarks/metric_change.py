@@ -5,7 +5,8 @@ official evaluator's (issue 16; docs/release_differences.md, "What earlier versi
 
 Rescores RUN_DIR/predictions.jsonl against the human answers of the run's evaluation split (the
 built-in benchmark when the run used it) with both functions and prints overall and per answer
-type figures, and how many questions score differently in each direction.
+type figures, how many questions score differently in each direction, and how many human answers
+are not in normal form (where there are none, the two functions agree on every prediction).
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     for qid, annotation in annotations.items():
         earlier[qid] = earlier_vqa_accuracy(predictions[qid], annotation["answers"])
         by_type[annotation["answer_type"]].append(earlier[qid])
+    # Where every human answer is already in normal form (no outer spaces, unchanged by the
+    # punctuation and digit/article processing), the two functions agree for any prediction.
+    human = [a for annotation in annotations.values() for a in annotation["answers"]]
+    not_normal = sum(
+        a != a.strip() or process_digit_article(process_punctuation(a)) != a for a in human
+    )
     lower = sum(earlier[q] < official["per_question"][q] for q in annotations)
     higher = sum(earlier[q] > official["per_question"][q] for q in annotations)
 
@@ -74,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         old, new = mean(values), official["by_answer_type"][answer_type]
         print(f"{answer_type:<12} {old:8.2f} {new:9.2f} {new - old:+7.2f}")
     print(f"questions scored lower by the earlier metric: {lower}; higher: {higher}")
+    print(f"human answers not in normal form: {not_normal} of {len(human)}")
     print()
     print(metrics.format_official(official))
     return 0

@@ -380,4 +380,5 @@ def test_metric_change_script_rescores_a_run(tmp_path, capsys):
     assert line.split()[1:3] == [f"{100 * sum(earlier) / len(earlier):.2f}",
                                  f"{official['overall']:.2f}"]  # fmt: skip
     assert "questions scored lower by the earlier metric" in out
+    assert "human answers not in normal form: 18 of 60" in out  # 2x "Black." x4, 2x "two" x5
     assert "per question type:" in out
