@@ -1,9 +1,9 @@
-"""VQA accuracy exactly as the official evaluator computes it (overall, by answer type, by
-question type, and the server's two-decimal view), and the release's training-score
-approximation, named as such wherever it is reported.
+"""VQA accuracy: the official metric (overall, by answer type, by question type) and the release's
+training-score approximation, named as such wherever it is reported.
 
-The official evaluator is GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py
-(docs/reference.md, section 5). Reported numbers are percentages.
+The official metric is the evaluation server's, computed exactly as its evaluator does
+(GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py; docs/reference.md section 5),
+with the server's two-decimal view beside the unrounded figures. Reported numbers are percentages.
 """
 
 from __future__ import annotations
@@ -104,9 +104,11 @@ def vqa_report(
             by_answer[annotation["answer_type"]].append(accuracy)
         if annotation.get("question_type"):
             by_question[annotation["question_type"]].append(accuracy)
-    overall = _mean(list(per_question.values()))
-    by_answer_type = {k: _mean(v) for k, v in sorted(by_answer.items())}
-    by_question_type = {k: _mean(v) for k, v in sorted(by_question.items())}
+    n = len(per_question)
+    # vqaEval.py's setAccuracy: 100 * float(sum(acc)) / len(acc), summed in question order
+    overall = 100 * float(sum(per_question.values())) / n if n else float("nan")
+    by_answer_type = _means(by_answer)
+    by_question_type = _means(by_question)
     return {
         "metric": OFFICIAL_NAME,
         "overall": overall,
@@ -125,11 +127,6 @@ def vqa_report(
         },
         "per_question": per_question,
     }
-
-
-def _mean(accuracies: list[float]) -> float:
-    # vqaEval.py's setAccuracy: 100 * float(sum(acc)) / len(acc), summed in question order
-    return 100 * float(sum(accuracies)) / len(accuracies) if accuracies else float("nan")
 
 
 def format_official(official: Mapping[str, Any], width: int = 100) -> str:
@@ -175,3 +172,7 @@ def format_official(official: Mapping[str, Any], width: int = 100) -> str:
                 ).rstrip()
             )
     return "\n".join(lines)
+
+
+def _means(groups: Mapping[str, list[float]]) -> dict[str, float]:
+    return {key: 100 * sum(values) / len(values) for key, values in sorted(groups.items())}
