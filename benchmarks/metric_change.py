@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from ban.configs import from_yaml
+    from ban.data import scenes
     from ban.data.prepare import load_prepared
-    from ban.engine import resolve_data
 
     config = from_yaml(args.run / "config.yaml")
-    data_dir = resolve_data(args.data or config.data)
+    data_dir = Path(args.data or config.data or scenes.default_prepared())
     split = args.split or config.eval_split
     annotations = load_prepared(data_dir, split).annotations()
     rows = [json.loads(line) for line in (args.run / "predictions.jsonl").open(encoding="utf-8")]

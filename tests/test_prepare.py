@@ -511,7 +511,8 @@ def test_bad_caption_file_is_named(tmp_path):
 
 
 def test_without_tfidf_the_c_embedding_is_frozen_glove(tmp_path):
-    from ban import configs, engine
+    import ban
+    from ban.model import BANConfig
 
     raw = tmp_path / "raw"
     make_raw(raw, vg=False)
@@ -520,10 +521,11 @@ def test_without_tfidf_the_c_embedding_is_frozen_glove(tmp_path):
     assert tfidf is None and not (out / "tfidf.npy").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["embeddings"]["tfidf"] is None and manifest["options"]["tfidf"] is False
-    config = configs.override(
-        configs.preset("ban-small"), {"model.tfidf_embedding": True, "model.hidden": 16}
-    )
-    model = engine.build_model(config, out)
+    # what the VQA task's build_model does with a prepared directory's embeddings
+    config = BANConfig(vocab_size=glove.shape[0], embedding_dim=glove.shape[1], hidden=16,
+                       glimpses=2, num_answers=4, visual_dim=DIM)  # fmt: skip
+    model = ban.build(config)
+    model.init_embeddings(glove=glove, tfidf=tfidf if config.tfidf_embedding else None)
     np.testing.assert_array_equal(model.embedding.tfidf.weight[:-1].detach().numpy(), glove)
     assert not model.embedding.tfidf.weight.requires_grad
 
