@@ -513,6 +513,19 @@ def _add_data_commands(data) -> None:
         action="store_true",
         help="fix the release's IDF indexing bug in the tf-idf embedding init",
     )
+    p.add_argument(
+        "--no-tfidf",
+        action="store_true",
+        help="no tf-idf init: the 'c' embedding is then a frozen copy of GloVe (the release "
+        "without --tfidf)",
+    )
+    p.add_argument(
+        "--captions",
+        nargs="*",
+        help="COCO caption files for the tf-idf co-occurrence (default: "
+        "RAW/annotations/captions_{train,val}2017.json, else the 2014 pair, when present; "
+        "none when given without files)",
+    )
     p.add_argument("--no-vg", action="store_true", help="ignore Visual Genome QA in RAW/vg")
     p.add_argument("--fp16", action="store_true", help="store the features as float16")
     p.add_argument(
@@ -633,6 +646,8 @@ def _run_prepare(args) -> int:
         release_unk=args.release_unk,
         normalize_human_answers=args.normalize_human_answers,
         fix_idf=args.fix_idf,
+        tfidf=not args.no_tfidf,
+        captions=args.captions,
         use_vg=not args.no_vg,
         fp16=args.fp16,
         allow_missing_features=args.allow_missing_features,

@@ -2,27 +2,65 @@
 the release's training-score approximation, named as such wherever it is reported) and Recall@K
 for phrase grounding.
 
-The official metric (shared/SPEC.md section 5) scores a predicted answer against the ten human
-answers: `min(1, #matches / 3)` averaged over the ten leave-one-out subsets of nine, after the
-official answer normalisation (`ban.data.vqa.vqa_accuracy`). Reported numbers are percentages.
+The official metric is the evaluation server's, computed exactly as its evaluator does
+(GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py; docs/reference.md section 5),
+with the server's two-decimal view beside the unrounded figures. Reported numbers are percentages.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from ban.data.vqa import vqa_accuracy
+from ban.data.vqa import process_digit_article, process_punctuation
 
 OFFICIAL_NAME = "VQA accuracy (official metric: min(1, matches/3) over 10 leave-one-out subsets)"
 APPROXIMATE_NAME = (
     "training-score approximation (soft score of the argmax answer, min(1, 0.3*count) over the "
     "raw human answers; not the official metric)"
 )
+DECIMALS = 2  # the evaluation server's rounding (vqaEval.py's n=2)
+
+
+def _clean(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """The official VQA accuracy of one prediction against the human answers, in [0, 1].
+
+    The official flow, step for step:
+
+    1. every human answer and the prediction: newlines and tabs become spaces, outer spaces go;
+    2. if the (cleaned) human answers are not all equal, every human answer and the prediction
+       get ``process_punctuation`` then ``process_digit_article`` (lowercase, number words ->
+       digits, articles dropped, contractions restored); unanimous answers are compared as they
+       are, so ``"Yes"`` scores 0 against ten ``"yes"``;
+    3. for each human answer i, ``min(1, #(other answers equal to the prediction) / 3)``,
+       averaged over i.
+
+    Step 3 leaves out answer i by position; the official code leaves out the answer dicts equal
+    to answer i's, which is the same thing since every dict of an annotation file has its own
+    ``answer_id``.
+
+    >>> vqa_accuracy("2", ["two", "two", "2", "2"] + ["no"] * 6)
+    1.0
+    """
+    if not answers:
+        raise ValueError("vqa_accuracy: no human answers")
+    prediction = _clean(prediction)
+    answers = [_clean(a) for a in answers]
+    if len(set(answers)) > 1:
+        answers = [process_digit_article(process_punctuation(a)) for a in answers]
+        prediction = process_digit_article(process_punctuation(prediction))
+    matches = sum(1 for a in answers if a == prediction)
+    # answer i's own vote is not among "the others" when it matches
+    per_answer = [min(1, (matches - (a == prediction)) / 3) for a in answers]
+    return float(sum(per_answer)) / len(per_answer)
 
 
 def approximate_score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -45,8 +83,11 @@ def vqa_report(
     "answer" key], "answer_type": str, "question_type": str}. Questions without annotations are
     ignored; annotated questions without a prediction are an error.
 
-    Returns {"metric", "overall", "by_answer_type", "by_question_type", "counts",
-    "per_question"} with percentages (unrounded) and per-question accuracies in [0, 1].
+    Returns {"metric", "overall", "by_answer_type", "by_question_type", "rounded", "counts",
+    "per_question"}: percentages unrounded, "rounded" the same three figures rounded to two
+    decimals as the evaluation server prints them (the evaluator's own expression,
+    `round(100 * sum(accuracies) / n, 2)`, over the questions in annotation order), and
+    per-question accuracies in [0, 1].
     """
     missing = [qid for qid in annotations if qid not in predictions]
     if missing:
@@ -66,17 +107,73 @@ def vqa_report(
         if annotation.get("question_type"):
             by_question[annotation["question_type"]].append(accuracy)
     n = len(per_question)
+    # vqaEval.py's setAccuracy: 100 * float(sum(acc)) / len(acc), summed in question order
+    overall = 100 * float(sum(per_question.values())) / n if n else float("nan")
+    by_answer_type = _means(by_answer)
+    by_question_type = _means(by_question)
     return {
         "metric": OFFICIAL_NAME,
-        "overall": 100 * sum(per_question.values()) / n if n else float("nan"),
-        "by_answer_type": _means(by_answer),
-        "by_question_type": _means(by_question),
+        "overall": overall,
+        "by_answer_type": by_answer_type,
+        "by_question_type": by_question_type,
+        "rounded": {
+            "decimals": DECIMALS,
+            "overall": round(overall, DECIMALS),
+            "by_answer_type": {k: round(v, DECIMALS) for k, v in by_answer_type.items()},
+            "by_question_type": {k: round(v, DECIMALS) for k, v in by_question_type.items()},
+        },
         "counts": {
-            "questions": n,
+            "questions": len(per_question),
             "by_answer_type": {k: len(v) for k, v in sorted(by_answer.items())},
+            "by_question_type": {k: len(v) for k, v in sorted(by_question.items())},
         },
         "per_question": per_question,
     }
+
+
+def format_official(official: Mapping[str, Any], width: int = 100) -> str:
+    """The server's view of a :func:`vqa_report` as text: overall, per answer type and per
+    question type (a table in columns), each rounded to two decimals, with question counts."""
+    rounded = official.get("rounded") or {
+        "overall": round(official["overall"], DECIMALS),
+        "by_answer_type": {k: round(v, DECIMALS) for k, v in official["by_answer_type"].items()},
+        "by_question_type": {
+            k: round(v, DECIMALS) for k, v in official["by_question_type"].items()
+        },
+    }
+    counts = official.get("counts", {})
+    lines = [
+        f"VQA accuracy (official evaluator, as the server rounds it): overall "
+        f"{rounded['overall']:.2f} ({counts.get('questions', '?')} questions)"
+    ]
+    if rounded["by_answer_type"]:
+        n = counts.get("by_answer_type", {})
+        cells = [
+            f"{k} {v:.2f} ({n[k]})" if k in n else f"{k} {v:.2f}"
+            for k, v in rounded["by_answer_type"].items()
+        ]
+        lines.append("per answer type: " + "   ".join(cells))
+    if rounded["by_question_type"]:
+        n = counts.get("by_question_type", {})
+        cells = [
+            (f"{k}", f"{v:6.2f}", f"({n[k]})" if k in n else "")
+            for k, v in rounded["by_question_type"].items()
+        ]
+        name_w = max(len(c[0]) for c in cells)
+        count_w = max(len(c[2]) for c in cells)
+        cell_w = name_w + 1 + 6 + 1 + count_w
+        columns = max(1, (width + 3) // (cell_w + 3))
+        rows = -(-len(cells) // columns)
+        lines.append("per question type:")
+        for r in range(rows):
+            row = [cells[i] for i in range(r, len(cells), rows)]
+            lines.append(
+                "  "
+                + "   ".join(
+                    f"{name:<{name_w}} {acc} {count:<{count_w}}" for name, acc, count in row
+                ).rstrip()
+            )
+    return "\n".join(lines)
 
 
 def _means(groups: Mapping[str, list[float]]) -> dict[str, float]:

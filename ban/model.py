@@ -1,6 +1,6 @@
 """BAN for VQA and for phrase grounding, assembled from `ban.layers` and `ban.counting`.
 
-Read next to the paper (Kim, Jun and Zhang, NeurIPS 2018) and shared/SPEC.md section 1:
+Read next to the paper (Kim, Jun and Zhang, NeurIPS 2018) and docs/reference.md section 1:
 
     X0 = GRU(embed(q))                                  question token states   [B, T, H]
     A, L = BilinearAttentionMap(Y, X0)                  maps and logits         [B, G, N, T]
@@ -44,6 +44,9 @@ class BANConfig:
     attention_dropout: float = 0.5  # on the visual side of the attention logits
     classifier_dropout: float = 0.5
     mask_question_padding: bool = False  # the release does not mask padded tokens
+    # grounding under --compat: the release's -99 on the phrase columns whose token position is
+    # 0, except the first column (in practice only padded slots and repeated one-word phrases)
+    release_entity_mask: bool = False
     task: str = "vqa"  # 'vqa' or 'grounding'
     # 'bilinear' (BAN), or a baseline: 'unitary' (bottom-up top-down attention), 'none' (question
     # only, VQA); see ban/baselines.py. The baselines read the embedding, hidden and dropout
@@ -177,7 +180,15 @@ class QuestionModel(nn.Module):
 
     @torch.no_grad()
     def init_embeddings(self, glove=None, tfidf=None) -> None:
-        """Copy `[V, D]` initial vectors into the tables (GloVe; tf-idf-weighted GloVe for 'c')."""
+        """Copy `[V, D]` initial vectors into the tables (GloVe; tf-idf-weighted GloVe for 'c').
+
+        Given GloVe but no tf-idf init, a second ('c') table gets a copy of GloVe and is frozen,
+        as the release's `init_embedding` without tf-idf.
+        """
+        second = self.embedding.tfidf
+        if tfidf is None and glove is not None and second is not None:
+            tfidf = glove
+            second.weight.requires_grad_(False)
         for table, values, name in ((self.embedding.words, glove, "glove"),
                                     (self.embedding.tfidf, tfidf, "tfidf")):  # fmt: skip
             if values is None:
@@ -323,6 +334,13 @@ class BANGrounding(QuestionModel):
         phrases = x.gather(1, index)  # [B, E, H]
         logits = self.attention.logits(v, phrases)[:, 0]  # [B, N, E], one glimpse
         logits = logits.masked_fill(~box_mask.unsqueeze(2), self.padding_score)
+        if self.config.release_entity_mask:
+            hit = phrase_index == 0
+            hit[:, :1] = False  # "at least one entity per sentence"
+            # the release overwrites the values (`.data`), not the graph: the scores read -99 and
+            # the gradient still reaches the unmasked logits
+            masked = logits - logits.detach() + self.padding_score
+            logits = torch.where(hit.unsqueeze(1), masked, logits)
         return logits.transpose(1, 2)  # [B, E, N]
 
 

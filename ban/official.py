@@ -1,4 +1,4 @@
-"""Reading the original release's checkpoints (jnhwkim/ban-vqa), see shared/SPEC.md section 2.
+"""Reading the original release's checkpoints (jnhwkim/ban-vqa), see docs/reference.md section 2.
 
 The release saves `{'epoch', 'model_state', 'optimizer_state'}` with `module.`-prefixed keys and
 weight-normalised layers as `weight_g` (a scalar, shape [] or [1]) and `weight_v`. Every size is

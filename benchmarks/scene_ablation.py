@@ -133,7 +133,7 @@ def reference_rows(data_dir: Path) -> list[dict]:
     on yes/no questions is near 60 %, not 50 %."""
     from collections import Counter, defaultdict
 
-    from ban.data.vqa import vqa_accuracy
+    from ban.metrics import vqa_accuracy
 
     raw_dir = Path(read_manifest(data_dir)["raw_dir"])
     families = json.loads((raw_dir / "scenes.json").read_text())["splits"]["val2014"]["families"]

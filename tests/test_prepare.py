@@ -1,6 +1,7 @@
 """`prepare` end to end on a tiny raw folder written in the exact real formats."""
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from torch.utils.data import DataLoader
 from ban.cli import main as cli_main
 from ban.data.features import FeatureStore, Region, write_tsv
 from ban.data.prepare import MissingFilesError, load_embeddings, load_prepared, prepare
-from ban.data.vqa import soft_score
+from ban.data.vqa import CONTRACTIONS, soft_score
 from ban.text import UNK, Dictionary, read_glove, tfidf_init
 
 DIM = 8
@@ -368,13 +369,277 @@ def test_cli_prepare_and_convert(tmp_path, capsys):
                 "2",
                 "--fp16",
                 "--release-unk",
+                "--no-tfidf",
+                "--captions",
             ]
         )
         == 0
     )
     assert Dictionary.load(tmp_path / "d" / "dictionary.json").release_unk
+    options = json.loads((tmp_path / "d" / "manifest.json").read_text())["options"]
+    assert options["tfidf"] is False
     tsv = raw / "features" / "test2015_genome.tsv"
     assert cli_main(["data", "convert-features", str(tsv), "--out", str(tmp_path / "t.h5")]) == 0
     assert "2 images" in capsys.readouterr().out
     assert cli_main(["data", "prepare", str(tmp_path / "empty"), "--out", "x"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# The release's dictionary, answer list and tf-idf texts (docs/release_differences.md)
+
+
+def _rewrite_question(raw, split, index, text):
+    path = raw / f"v2_OpenEnded_mscoco_{split}_questions.json"
+    data = json.loads(path.read_text())
+    data["questions"][index]["question"] = text
+    path.write_text(json.dumps(data))
+
+
+def test_dictionary_and_answers_come_from_every_split_present(tmp_path):
+    raw = tmp_path / "raw"
+    make_raw(raw, vg=False, glove=False)
+    _rewrite_question(raw, "val2014", 0, "Where is the giraffe?")
+    _rewrite_question(raw, "test2015", 1, "Why is the sky blue?")
+    _rewrite_question(raw, "test-dev2015", 2, "Is it raining?")
+    # Over train alone no answer is given for 4 questions; over train+val three are.
+    full = prepare(raw, tmp_path / "full", min_answer_count=4, progress=False)
+    train_only = prepare(
+        raw, tmp_path / "train", splits=["train2014"], min_answer_count=4, progress=False
+    )
+    words = Dictionary.load(train_only / "dictionary.json").words
+    assert words == Dictionary.load(full / "dictionary.json").words
+    assert {"giraffe", "sky", "raining"} <= set(words)
+    assert words.index("giraffe") < words.index("sky") < words.index("raining")  # release order
+    answers = json.loads((train_only / "answers.json").read_text(encoding="utf-8"))
+    assert answers == json.loads((full / "answers.json").read_text(encoding="utf-8"))
+    assert answers == ["black", "2", "yes"]
+    manifest = json.loads((train_only / "manifest.json").read_text())
+    assert list(manifest["splits"]) == ["train2014"]
+    assert manifest["options"]["dictionary_splits"] == [
+        "train2014",
+        "val2014",
+        "test2015",
+        "test-dev2015",
+    ]
+    assert manifest["options"]["answer_splits"] == ["train2014", "val2014"]
+    assert "val2014 annotations" in manifest["sources"]
+    # an explicit answer split still narrows the vocabulary
+    with pytest.raises(ValueError, match="no answer is given for >= 4 questions in train2014"):
+        prepare(
+            raw,
+            tmp_path / "x",
+            splits=["train2014"],
+            answer_splits=["train2014"],
+            min_answer_count=4,
+            progress=False,
+        )
+
+
+def _write_captions(path, captions, first_id=1):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "info": {"description": "COCO 2017 Dataset", "year": 2017},
+        "licenses": [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1}],
+        "images": [
+            {"license": 1, "file_name": "000000000001.jpg", "height": 480, "width": 640, "id": 1}
+        ],
+        "annotations": [
+            {"image_id": 1, "id": first_id + k, "caption": c} for k, c in enumerate(captions)
+        ],
+    }
+    path.write_text(json.dumps(data))
+
+
+def test_coco_captions_join_the_tfidf_texts(tmp_path):
+    raw = tmp_path / "raw"
+    make_raw(raw)
+    plain = prepare(raw, tmp_path / "plain", min_answer_count=2, progress=False)
+    train_caps = ["A cat is drinking from a cup.", "Two dogs and a zebra on the grass"]
+    val_caps = ["The man's drink is a café au lait."]
+    _write_captions(raw / "annotations" / "captions_train2017.json", train_caps)
+    _write_captions(raw / "annotations" / "captions_val2017.json", val_caps, first_id=10)
+    out = prepare(raw, tmp_path / "data", min_answer_count=2, progress=False)
+    dictionary = Dictionary.load(out / "dictionary.json")
+    assert dictionary == Dictionary.load(plain / "dictionary.json")  # captions add no words
+    texts = [
+        q["question"]
+        for s in ("train2014", "val2014", "test2015")
+        for q in json.loads((raw / f"v2_OpenEnded_mscoco_{s}_questions.json").read_text())[
+            "questions"
+        ]
+    ]
+    texts += ["What color is the zebra?", "Where is it?", "Is it a café?", "What drink?"]
+    glove_path = raw / "glove" / "glove.6B.6d.txt"
+    _, tfidf = load_embeddings(out)
+    expected = tfidf_init(texts + train_caps + val_caps, dictionary, glove_path)
+    np.testing.assert_allclose(tfidf, expected, rtol=1e-6)
+    assert not np.allclose(tfidf, load_embeddings(plain)[1])
+    info = json.loads((out / "manifest.json").read_text())["embeddings"]["tfidf"]
+    assert list(info["captions"].values()) == [2, 1]
+    assert info["texts"] == len(texts) + 3 and info["vg"] is True
+    # captions=[] leaves them out; a caption file given by path is read as well
+    none = prepare(raw, tmp_path / "none", min_answer_count=2, captions=[], progress=False)
+    np.testing.assert_array_equal(load_embeddings(none)[1], load_embeddings(plain)[1])
+    only_val = prepare(
+        raw,
+        tmp_path / "val",
+        min_answer_count=2,
+        captions=[raw / "annotations" / "captions_val2017.json"],
+        progress=False,
+    )
+    np.testing.assert_allclose(
+        load_embeddings(only_val)[1],
+        tfidf_init(texts + val_caps, dictionary, glove_path),
+        rtol=1e-6,
+    )
+
+
+def test_bad_caption_file_is_named(tmp_path):
+    raw = tmp_path / "raw"
+    make_raw(raw, vg=False)
+    path = raw / "annotations" / "captions_train2014.json"
+    _write_captions(path, ["fine", "also fine"])
+    data = json.loads(path.read_text())
+    del data["annotations"][1]["caption"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"captions_train2014.json: annotations\[1\] has no"):
+        prepare(raw, tmp_path / "out", min_answer_count=2, progress=False)
+    assert not (tmp_path / "out").exists()  # checked before the feature conversion
+    with pytest.raises(MissingFilesError, match="captions_val2017.json"):
+        prepare(raw, tmp_path / "out", captions=[raw / "captions_val2017.json"], progress=False)
+
+
+def test_without_tfidf_the_c_embedding_is_frozen_glove(tmp_path):
+    import ban
+    from ban.model import BANConfig
+
+    raw = tmp_path / "raw"
+    make_raw(raw, vg=False)
+    out = prepare(raw, tmp_path / "data", min_answer_count=2, tfidf=False, progress=False)
+    glove, tfidf = load_embeddings(out)
+    assert tfidf is None and not (out / "tfidf.npy").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["embeddings"]["tfidf"] is None and manifest["options"]["tfidf"] is False
+    # what the VQA task's build_model does with a prepared directory's embeddings
+    config = BANConfig(vocab_size=glove.shape[0], embedding_dim=glove.shape[1], hidden=16,
+                       glimpses=2, num_answers=4, visual_dim=DIM)  # fmt: skip
+    model = ban.build(config)
+    model.init_embeddings(glove=glove, tfidf=tfidf if config.tfidf_embedding else None)
+    np.testing.assert_array_equal(model.embedding.tfidf.weight[:-1].detach().numpy(), glove)
+    assert not model.embedding.tfidf.weight.requires_grad
+
+
+# ----------------------------------------------------------------------------------------------
+# The answer order equals the release's trainval_label2ans.pkl built from the same files
+
+RELEASE_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">",
+                 "<", "@", "`", ",", "?", "!"]  # fmt: skip
+RELEASE_MANUAL_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3",
+                      "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8",
+                      "nine": "9", "ten": "10"}  # fmt: skip
+
+
+def release_label2ans(annotation_files, min_occurence=9):
+    """tools/compute_softscore.py, restated: `filter_answers` over train + val annotations (a
+    dict of preprocessed multiple-choice answer -> question ids, rare ones popped), then
+    `create_ans2label`'s label order (the dict's iteration order; insertion order since Python
+    3.7 -- the released pickle itself came from Python 3.5's hash order)."""
+    import re
+
+    period_strip = re.compile(r"(?!<=\d)(\.)(?!\d)")
+    comma_strip = re.compile(r"(\d)(\,)(\d)")
+
+    def process_punctuation(in_text):
+        out_text = in_text
+        for p in RELEASE_PUNCT:
+            if (p + " " in in_text or " " + p in in_text) or (
+                re.search(comma_strip, in_text) is not None
+            ):
+                out_text = out_text.replace(p, "")
+            else:
+                out_text = out_text.replace(p, " ")
+        return period_strip.sub("", out_text, re.UNICODE)
+
+    def process_digit_article(in_text):
+        words = []
+        for word in in_text.lower().split():
+            word = RELEASE_MANUAL_MAP.setdefault(word, word)
+            if word not in ["a", "an", "the"]:
+                words.append(word)
+        return " ".join(CONTRACTIONS.get(w, w) for w in words)
+
+    def preprocess_answer(answer):
+        return process_digit_article(process_punctuation(answer)).replace(",", "")
+
+    answers_dset = []
+    for path in annotation_files:
+        answers_dset += json.loads(path.read_text(encoding="utf-8"))["annotations"]
+    occurence = {}
+    for ans_entry in answers_dset:
+        gtruth = preprocess_answer(ans_entry["multiple_choice_answer"])
+        occurence.setdefault(gtruth, set()).add(ans_entry["question_id"])
+    for answer in list(occurence):
+        if len(occurence[answer]) < min_occurence:
+            occurence.pop(answer)
+    label2ans = []
+    for answer in occurence:
+        label2ans.append(answer)
+    return label2ans
+
+
+MC_ANSWERS = ["yes", "Yes", "yes.", "no", "No!", "2", "two", "Two", "3", "three", "a dog",
+              "dog", "the dog", "Dog.", "white", "black and white", "3,000", "3000", "don't know",
+              "dont know", "t-shirt", "t shirt", "(left)", "left", "red", "blue",
+              "café"]  # fmt: skip
+
+
+def test_answer_order_equals_the_releases_label2ans(tmp_path):
+    from ban.official import read_plain_pickle
+
+    rng = np.random.default_rng(3)
+    raw = tmp_path / "raw"
+    (raw / "features").mkdir(parents=True)
+    regions = []
+    for split, first_image, count in (("train2014", 1, 120), ("val2014", 500, 80)):
+        qs = {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "license": {},
+              "data_subtype": split, "questions": []}  # fmt: skip
+        anns = {"info": {}, "license": {}, "data_subtype": split, "annotations": [],
+                "data_type": "mscoco"}  # fmt: skip
+        for k in range(count):
+            image_id, qid = first_image + k // 3, (first_image + k // 3) * 1000 + k % 3
+            # skewed so that some answers pass the threshold of 9 and some do not
+            mc = MC_ANSWERS[min(int(rng.exponential(7)), len(MC_ANSWERS) - 1)]
+            qs["questions"].append({"image_id": image_id, "question": "What is it?",
+                                    "question_id": qid})  # fmt: skip
+            anns["annotations"].append(
+                {
+                    "question_type": "what is",
+                    "multiple_choice_answer": mc,
+                    "answers": [
+                        {"answer": mc, "answer_confidence": "yes", "answer_id": j + 1}
+                        for j in range(10)
+                    ],
+                    "image_id": image_id,
+                    "answer_type": "other",
+                    "question_id": qid,
+                }
+            )
+        (raw / f"v2_OpenEnded_mscoco_{split}_questions.json").write_text(json.dumps(qs))
+        (raw / f"v2_mscoco_{split}_annotations.json").write_text(
+            json.dumps(anns, ensure_ascii=False), encoding="utf-8"
+        )
+        images = sorted({q["image_id"] for q in qs["questions"]})
+        regions += _regions(images)
+    write_tsv(raw / "features" / "trainval.tsv", regions)
+
+    assert cli_main(["data", "prepare", str(raw), "--out", str(tmp_path / "d")]) == 0
+    ours = json.loads((tmp_path / "d" / "answers.json").read_text(encoding="utf-8"))
+
+    label2ans = release_label2ans(
+        [raw / "v2_mscoco_train2014_annotations.json", raw / "v2_mscoco_val2014_annotations.json"]
+    )
+    with open(tmp_path / "trainval_label2ans.pkl", "wb") as f:  # as create_ans2label dumps it
+        pickle.dump(label2ans, f)
+    assert ours == list(read_plain_pickle(tmp_path / "trainval_label2ans.pkl"))
+    assert 4 <= len(ours) < len(set(MC_ANSWERS))  # the threshold kept some and dropped some

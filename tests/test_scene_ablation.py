@@ -25,7 +25,7 @@ def tiny(tmp_path_factory):
 
 def test_reference_rows_score_chance_with_the_official_metric(ablation, tiny):
     from ban.data.prepare import read_manifest
-    from ban.data.vqa import vqa_accuracy
+    from ban.metrics import vqa_accuracy
 
     rows = {row["row"]: row for row in ablation.reference_rows(tiny)}
     raw = Path(read_manifest(tiny)["raw_dir"])

@@ -12,8 +12,8 @@ from ban.data.vqa import (
     load_questions,
     normalize_answer,
     soft_score,
-    vqa_accuracy,
 )
+from ban.metrics import vqa_accuracy
 
 
 @pytest.mark.parametrize(

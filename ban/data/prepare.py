@@ -7,7 +7,8 @@ Prepared directory::
       manifest.json          what was prepared, from which files, with which options
       dictionary.json        {"words": [...], "padding_idx": V, "unknown": "<unk>" | "release"}
       answers.json           the answer list, label order
-      glove.npy, tfidf.npy   [V, D] float32 embedding inits (when a GloVe file was found)
+      glove.npy, tfidf.npy   [V, D] float32 embedding inits (when a GloVe file was found;
+                             tfidf.npy unless tfidf=False)
       features/<split>.h5    train2014, val2014, test2015 (test-dev2015 uses test2015's file)
       <split>.jsonl          one question per line (vg_train2014 / vg_val2014 for Visual Genome)
 """
@@ -30,6 +31,7 @@ from ban.data.vqa import (
     load_annotations,
     load_questions,
     match_annotations,
+    read_json,
 )
 from ban.files import atomic_write, atomic_write_text
 from ban.text import MAX_LENGTH, Dictionary, read_glove, tfidf_init
@@ -60,7 +62,15 @@ SOURCES = {
     "visualgenome/api.html (Visual Genome v1.2)",
     "vg images": "image_data.json.zip from https://homes.cs.washington.edu/~ranjay/"
     "visualgenome/api.html (Visual Genome v1.2)",
+    "captions": "annotations_trainval2017.zip (or annotations_trainval2014.zip) from "
+    "https://cocodataset.org/#download (captions_train2017.json, captions_val2017.json)",
 }
+# COCO caption files read into the tf-idf co-occurrence when present in RAW/annotations: the
+# release's 2017 pair (train, then val, its order), else the 2014 pair (the same captions).
+CAPTION_FILES = (
+    ("captions_train2017.json", "captions_val2017.json"),
+    ("captions_train2014.json", "captions_val2014.json"),
+)
 
 
 class MissingFilesError(FileNotFoundError):
@@ -87,13 +97,42 @@ def _feature_files(raw_dir: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.tsv*") if p.is_file()) if folder.is_dir() else []
 
 
+def caption_files(raw_dir: str | Path) -> list[Path]:
+    """The COCO caption files of ``raw_dir/annotations`` (see ``CAPTION_FILES``), or []."""
+    folder = Path(raw_dir) / "annotations"
+    for group in CAPTION_FILES:
+        present = [folder / name for name in group if (folder / name).is_file()]
+        if present:
+            return present
+    return []
+
+
+def load_captions(path: str | Path) -> list[str]:
+    """The captions of a COCO ``captions_<split>.json`` file (``annotations[i]["caption"]``),
+    in file order; errors name the file and record."""
+    path = Path(path)
+    records = read_json(path, "annotations")
+    captions = []
+    for row, record in enumerate(records):
+        if not isinstance(record, dict) or not isinstance(record.get("caption"), str):
+            raise ValueError(f"{path}: annotations[{row}] has no string 'caption'")
+        captions.append(record["caption"])
+    return captions
+
+
 def find_raw_files(
-    raw_dir: str | Path, splits: list[str] | None = None, glove: str | Path | None = None
+    raw_dir: str | Path,
+    splits: list[str] | None = None,
+    glove: str | Path | None = None,
+    captions: list[str | Path] | None = None,
 ) -> dict:
     """Locate the raw files; raise :class:`MissingFilesError` listing every missing one.
 
     ``splits=None`` prepares the VQA splits whose question file is present (train2014 and
     val2014 are required when neither is there, since the answer vocabulary needs annotations).
+    Question and annotation files of splits not prepared are found too (``other_questions``,
+    ``other_annotations``): the release builds its dictionary and answer list from every split.
+    ``captions=None`` finds the COCO caption files of ``raw_dir/annotations``; ``[]`` uses none.
     """
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
@@ -118,6 +157,21 @@ def find_raw_files(
             found["annotations"][s] = path
             if not path.is_file():
                 missing.append((str(path), SOURCES[f"{s} annotations"]))
+    found["other_questions"] = {
+        s: question_file(raw_dir, s)
+        for s in SPLITS
+        if s not in splits and question_file(raw_dir, s).is_file()
+    }
+    found["other_annotations"] = {
+        s: annotation_file(raw_dir, s)
+        for s in ANNOTATED
+        if s not in splits and annotation_file(raw_dir, s).is_file()
+    }
+    if captions is None:
+        found["captions"] = caption_files(raw_dir)
+    else:
+        found["captions"] = [Path(p) for p in captions]
+        missing += [(str(p), SOURCES["captions"]) for p in found["captions"] if not p.is_file()]
     found["features"] = _feature_files(raw_dir)
     if not found["features"]:
         missing.append((str(raw_dir / "features" / "*.tsv"), SOURCES["features"]))
@@ -178,6 +232,8 @@ def prepare(
     normalize_human_answers: bool = False,
     glove: str | Path | None = None,
     fix_idf: bool = False,
+    tfidf: bool = True,
+    captions: list[str | Path] | None = None,
     use_vg: bool = True,
     fp16: bool = False,
     allow_missing_features: bool = False,
@@ -186,13 +242,21 @@ def prepare(
     """Turn a raw folder (layout in docs/DESIGN.md) into a prepared data directory.
 
     - ``splits``: VQA splits to prepare (default: those whose question file is in ``raw_dir``).
+    - The dictionary numbers the words of every VQA question file in ``raw_dir`` (prepared or
+      not) in the order train2014, val2014, test2015, test-dev2015, as the release.
     - ``min_answer_count``: answers given for at least this many questions form the vocabulary,
-      counted over ``answer_splits`` (default: the annotated splits prepared).
+      counted over ``answer_splits`` (default: every annotated split in ``raw_dir``, prepared or
+      not: train2014 and val2014, as the release's ``trainval`` answer list).
     - ``release_unk``: a dictionary without ``<unk>``, unknown words -> V-1 (the release).
     - ``normalize_human_answers``: normalise each human answer before matching it to the
       vocabulary (the release does not, and loses some credit).
     - ``glove``: a GloVe text file (default: the one ``raw_dir/glove/glove.*.txt``); ``fix_idf``:
       fix the release's IDF indexing bug in the tf-idf init (see ``ban.text.tfidf_matrix``).
+    - ``tfidf=False``: no tf-idf table; a model's second ('c') embedding is then a frozen copy of
+      GloVe, as the release without ``--tfidf``.
+    - ``captions``: COCO caption files whose captions join the tf-idf co-occurrence after the VQA
+      and VG questions, as the release (default: ``raw_dir/annotations/captions_train2017.json``
+      and ``captions_val2017.json``, else the 2014 pair, when present; ``[]``: none).
     - ``use_vg``: add Visual Genome QA when ``raw_dir/vg`` holds both files.
     - ``allow_missing_features``: drop (and count) questions whose image has no features instead
       of failing.
@@ -200,30 +264,36 @@ def prepare(
     Returns ``out_dir``. ``manifest.json`` is written last: a folder without it is incomplete.
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
-    found = find_raw_files(raw_dir, splits, glove)
+    found = find_raw_files(raw_dir, splits, glove, captions)
     splits = found["splits"]
     say = print if progress else (lambda *a, **k: None)
 
-    # 1. questions and annotations (all checked before the long feature conversion)
-    questions = {s: load_questions(found["questions"][s]) for s in splits}
+    # 1. questions and annotations (all checked before the long feature conversion), of the
+    # prepared splits and of the other splits present, which the dictionary and answers use
+    question_paths = {**found["questions"], **found["other_questions"]}
+    annotation_paths = {**found["annotations"], **found["other_annotations"]}
+    dictionary_splits = [s for s in SPLITS if s in question_paths]
+    questions = {s: load_questions(question_paths[s]) for s in dictionary_splits}
     annotations = {}
-    for s in found["annotations"]:
-        annotations[s] = load_annotations(found["annotations"][s])
-        match_annotations(
-            questions[s], annotations[s], found["questions"][s], found["annotations"][s]
-        )
+    for s in sorted(annotation_paths, key=SPLITS.index):
+        annotations[s] = load_annotations(annotation_paths[s])
+        if s in questions:
+            match_annotations(questions[s], annotations[s], question_paths[s], annotation_paths[s])
+    captions_read = {}  # path -> captions, for the tf-idf texts
+    if tfidf and found["glove"] is not None:
+        captions_read = {str(p): load_captions(p) for p in found["captions"]}
     vg_questions = vg_coco = None
     if use_vg and found["vg"] is not None:
         vg_questions = load_vg_questions(found["vg"]["vg questions"])
         vg_coco = coco_ids(found["vg"]["vg images"])
 
     dictionary = Dictionary.build(
-        (q["question"] for s in splits for q in questions[s]), release_unk=release_unk
+        (q["question"] for s in dictionary_splits for q in questions[s]), release_unk=release_unk
     )
-    answer_splits = answer_splits or [s for s in splits if s in annotations]
+    answer_splits = answer_splits or [s for s in SPLITS if s in annotations]
     for s in answer_splits:
         if s not in annotations:
-            raise ValueError(f"answer split {s!r} has no annotations among the prepared splits")
+            raise ValueError(f"answer split {s!r} has no annotation file in {raw_dir}")
     answers = answer_vocabulary(
         (a for s in answer_splits for a in annotations[s].values()), min_answer_count
     )
@@ -343,16 +413,6 @@ def prepare(
         glove_path = found["glove"]
         weights, hits = read_glove(glove_path, dictionary.words)
         _save_npy(out_dir / "glove.npy", weights)
-        # the release's tf-idf texts: VQA train, val and test2015 questions, then VG questions
-        texts = [
-            q["question"]
-            for s in ("train2014", "val2014", "test2015")
-            if s in questions
-            for q in questions[s]
-        ]
-        if vg_questions is not None:
-            texts += [q["question"] for q in vg_questions]
-        _save_npy(out_dir / "tfidf.npy", tfidf_init(texts, dictionary, glove_path, fix_idf))
         embeddings = {
             "glove": {
                 "file": "glove.npy",
@@ -360,12 +420,33 @@ def prepare(
                 "dim": int(weights.shape[1]),
                 "words_found": hits,
             },
-            "tfidf": {"file": "tfidf.npy", "fix_idf": fix_idf, "texts": len(texts)},
+            "tfidf": None,
         }
+        if tfidf:
+            # the release's tf-idf texts: VQA train, val and test2015 questions, VG questions,
+            # then COCO captions (train, then val)
+            vqa_splits = [s for s in ("train2014", "val2014", "test2015") if s in questions]
+            texts = [q["question"] for s in vqa_splits for q in questions[s]]
+            if vg_questions is not None:
+                texts += [q["question"] for q in vg_questions]
+            for caption_texts in captions_read.values():
+                texts += caption_texts
+            init = tfidf_init(texts, dictionary, glove_path, fix_idf)
+            _save_npy(out_dir / "tfidf.npy", init)
+            embeddings["tfidf"] = {
+                "file": "tfidf.npy",
+                "fix_idf": fix_idf,
+                "texts": len(texts),
+                "vqa_splits": vqa_splits,
+                "vg": vg_questions is not None,
+                "captions": {p: len(c) for p, c in captions_read.items()},
+            }
         say(f"GloVe: {hits} of {len(dictionary)} words found")
 
-    sources = {f"{s} questions": _source(p) for s, p in found["questions"].items()}
-    sources.update({f"{s} annotations": _source(p) for s, p in found["annotations"].items()})
+    sources = {f"{s} questions": _source(p) for s, p in question_paths.items()}
+    sources.update({f"{s} annotations": _source(p) for s, p in annotation_paths.items()})
+    if tfidf and found["glove"] is not None:
+        sources.update({f"captions {p.name}": _source(p) for p in found["captions"]})
     sources["features"] = [_source(p) for p in found["features"]]
     if vg_questions is not None:
         sources.update({k: _source(p) for k, p in found["vg"].items()})
@@ -376,11 +457,13 @@ def prepare(
         "sources": sources,
         "options": {
             "min_answer_count": min_answer_count,
+            "dictionary_splits": dictionary_splits,
             "answer_splits": answer_splits,
             "max_length": max_length,
             "release_unk": release_unk,
             "normalize_human_answers": normalize_human_answers,
             "fix_idf": fix_idf,
+            "tfidf": tfidf,
             "use_vg": use_vg,
             "fp16": fp16,
             "allow_missing_features": allow_missing_features,
@@ -430,9 +513,14 @@ def load_answers(data_dir: str | Path) -> list[str]:
     return json.loads((Path(data_dir) / "answers.json").read_text(encoding="utf-8"))
 
 
-def load_embeddings(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(glove [V, D], tfidf [V, D])`` float32, or None when no GloVe file was prepared."""
+def load_embeddings(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """``(glove [V, D], tfidf [V, D] or None)`` float32, or None when no GloVe file was prepared.
+
+    ``tfidf`` is None for data prepared with ``tfidf=False``: a 'c' model then gets a frozen
+    copy of GloVe in its second table (``BAN.init_embeddings``), as the release.
+    """
     data_dir = Path(data_dir)
     if not (data_dir / "glove.npy").is_file():
         return None
-    return np.load(data_dir / "glove.npy"), np.load(data_dir / "tfidf.npy")
+    tfidf = data_dir / "tfidf.npy"
+    return np.load(data_dir / "glove.npy"), np.load(tfidf) if tfidf.is_file() else None

@@ -1,5 +1,8 @@
 """VQA v2: question and annotation files, the official answer normalisation, the answer
-vocabulary, soft scores, the official accuracy, ``VQADataset`` and ``collate``."""
+vocabulary, the soft scores of the training targets, ``VQADataset`` and ``collate``.
+
+The official accuracy itself is ``ban.metrics.vqa_accuracy``.
+"""
 
 from __future__ import annotations
 
@@ -107,28 +110,6 @@ def soft_score(count: int) -> float:
     return (0.0, 0.3, 0.6, 0.9)[count] if count < 4 else 1.0
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """The official VQA accuracy of one prediction against the human answers (vqaEval.py).
-
-    The prediction is stripped of newlines and tabs; when the human answers disagree, they get
-    the punctuation processing and the prediction the punctuation and digit/article processing
-    (as in the official code); then ``min(1, matches among the other answers / 3)`` is averaged
-    over the leave-one-out subsets.
-    """
-    prediction = prediction.replace("\n", " ").replace("\t", " ").strip()
-    answers = list(answers)
-    if not answers:
-        raise ValueError("vqa_accuracy: no human answers")
-    if len(set(answers)) > 1:
-        answers = [process_punctuation(a) for a in answers]
-        prediction = process_digit_article(process_punctuation(prediction))
-    total = 0.0
-    for i in range(len(answers)):
-        matches = sum(1 for j, a in enumerate(answers) if j != i and a == prediction)
-        total += min(1.0, matches / 3)
-    return total / len(answers)
-
-
 def answer_scores(
     answers: Sequence[str], ans2label: dict[str, int], normalize: bool = False
 ) -> tuple[list[int], list[float]]:
@@ -147,6 +128,16 @@ def answer_scores(
             labels.append(ans2label[answer])
             scores.append(soft_score(count))
     return labels, scores
+
+
+def __getattr__(name: str):
+    # `vqa_accuracy` lived here before it moved to ban.metrics (which imports this module, hence
+    # the lazy look-up); old imports keep working.
+    if name == "vqa_accuracy":
+        from ban.metrics import vqa_accuracy
+
+        return vqa_accuracy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------
