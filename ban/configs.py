@@ -82,7 +82,11 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     # Flickr30k Entities with the release's recipe (the same schedule; select on val R@1).
     "ban-flickr": TrainConfig(
-        task="flickr", model="ban-flickr", train_splits=["train"], eval_split="val"
+        task="flickr",
+        model="ban-flickr",
+        train_splits=["train"],
+        eval_split="val",
+        lr_decay_epochs=[10, 12, 14, 16, 18],  # the release's range(10, 20, 2), as for VQA
     ),
     # The CPU default for grounding on the built-in benchmark: a small BANGrounding, the recipe
     # compressed to five epochs.

@@ -45,7 +45,7 @@ def test_evaluate_writes_report_predictions_and_submission(trained, tiny_data, t
                  str(tmp_path / "sub.json")])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
-    assert "VQA accuracy (official metric)" in printed and "approximation" in printed
+    assert "VQA accuracy (official evaluator" in printed and "approximation" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["checkpoint"].endswith("best.safetensors")
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]

@@ -1,5 +1,5 @@
 """Flickr30k Entities readers, entity selection, phrase positions and IoU targets, on a
-hand-written caption and XML pair in the real formats (shared/reference/grounding.md, section 6)."""
+hand-written caption and XML pair in the real formats (docs/reference.md, grounding)."""
 
 import numpy as np
 import pytest

@@ -9,7 +9,7 @@ RAW layout (the official release; the built-in benchmark writes the same files):
 
 A phrase is *evaluated* iff its chain id has at least one `<bndbox>` in its image's XML (notvisual
 id 0, `scene=1` and `nobndbox=1` chains are out; scene-*type* phrases with boxes are in). One sample
-is one caption with at most 16 such phrases (shared/reference/grounding.md, sections 1-2).
+is one caption with at most 16 such phrases (docs/reference.md, the grounding sections).
 
 Prepared layout (`prepare_flickr`)::
 

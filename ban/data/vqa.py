@@ -130,16 +130,6 @@ def answer_scores(
     return labels, scores
 
 
-def __getattr__(name: str):
-    # `vqa_accuracy` lived here before it moved to ban.metrics (which imports this module, hence
-    # the lazy look-up); old imports keep working.
-    if name == "vqa_accuracy":
-        from ban.metrics import vqa_accuracy
-
-        return vqa_accuracy
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # ----------------------------------------------------------------------------------------------
 # Files
 

@@ -311,6 +311,7 @@ def build_model(config: TrainConfig, data_dir: Path) -> nn.Module:
     _ = store.index  # opens the file: its feature size is known from then on
     glove = np.load(data_dir / "glove.npy") if (data_dir / "glove.npy").is_file() else None
     overrides = dict(config.model_overrides)
+    overrides.setdefault("release_entity_mask", config.compat)  # the release's -99 columns
     if glove is not None:
         overrides.setdefault("embedding_dim", int(glove.shape[1]))
     model_config = presets.preset(

@@ -357,10 +357,8 @@ def write_submission(rows: list[dict[str, Any]], path: str | Path) -> None:
 def format_report(report: dict[str, Any]) -> str:
     """The report as a few readable lines."""
     lines = [f"split {report['split']}: {report['questions']} questions"]
-    official = report.get("official")
-    if official:
-        types = "  ".join(f"{k} {v:.2f}" for k, v in official["by_answer_type"].items())
-        lines.append(f"VQA accuracy (official metric): {official['overall']:.2f}   {types}")
+    if report.get("official"):
+        lines.append(metrics.format_official(report["official"]))
     approx = report.get("approximate")
     if approx:
         lines.append(
