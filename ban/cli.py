@@ -106,8 +106,6 @@ def _add_train(commands) -> None:
 
 
 def _run_train(args) -> int:
-    import yaml
-
     from ban import configs, engine
 
     runtime = {"device": args.device, "num_workers": args.num_workers, "compile": args.compile}
@@ -132,7 +130,7 @@ def _run_train(args) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        flags[key.strip()] = yaml.safe_load(value)
+        flags[key.strip()] = configs.parse_value(key.strip(), value)
     if args.resume:
         if args.preset or args.config or flags or args.out:
             raise ValueError("--resume takes the run's own config; drop the other settings")
