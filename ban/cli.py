@@ -304,8 +304,10 @@ def _add_predict(commands) -> None:
     )
     p.add_argument("--question", required=True)
     p.add_argument("--data", help="prepared data directory (default: the run's, or the benchmark)")
-    p.add_argument("--top-k", type=int, default=5, help="answers to show")
-    p.add_argument("--boxes", type=int, default=3, help="most attended boxes to show per glimpse")
+    p.add_argument("--top-k", type=_positive, default=5, help="answers to show")
+    p.add_argument(
+        "--boxes", type=_positive, default=3, help="most attended boxes to show per glimpse"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--device", help="cpu, cuda, ... (default: cpu)", default="cpu")
     p.add_argument("--dictionary", help="release checkpoints: the release's dictionary.pkl")
@@ -313,18 +315,49 @@ def _add_predict(commands) -> None:
     p.set_defaults(func=_run_predict)
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _question(text: str) -> str:
+    """`--question`, checked by the rule the API applies (ban.predict.check_question) before
+    anything is loaded."""
+    from ban.predict import QuestionError, check_question
+
+    try:
+        return check_question(text)
+    except QuestionError as error:
+        raise ValueError(f"--question: {error}") from None
+
+
 def _run_predict(args) -> int:
     import json
 
     from ban import engine
-    from ban.predict import Predictor
+    from ban.predict import Predictor, ignored_words
+    from ban.text import MAX_LENGTH
 
+    args.question = _question(args.question)
     path, run_config = engine.resolve_checkpoint(args.checkpoint)
     model = engine.load_checkpoint(path, args.device, args.dictionary, args.label2ans)
     data = args.data or (run_config.data if run_config else None)
     predictor = Predictor(model, data=data, device=args.device)
     image_id = args.image_id if args.image is None else predictor.add_picture(args.image)
     result = predictor(args.question, image_id, top_k=args.top_k, top_boxes=args.boxes)
+    ignored = ignored_words(args.question)
+    if ignored:
+        print(
+            f"note: the model reads the first {MAX_LENGTH} words of a question; "
+            f"{len(ignored)} more were left out ({' '.join(ignored)})",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -347,22 +380,26 @@ def _add_visualize(commands) -> None:
     p.add_argument("--out", default="attention.png", help="the PNG to write")
     p.add_argument("--data", help="prepared data directory (default: the run's, or the benchmark)")
     p.add_argument("--images", help="folder of the pictures (default: RAW/images of the manifest)")
-    p.add_argument("--boxes", type=int, default=3, help="most attended boxes to draw per glimpse")
+    p.add_argument(
+        "--boxes", type=_positive, default=3, help="most attended boxes to draw per glimpse"
+    )
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_run_visualize)
 
 
 def _run_visualize(args) -> int:
     from ban import engine, viz
+    from ban.files import atomic_write
     from ban.predict import Predictor
 
+    args.question = _question(args.question)
     path, run_config = engine.resolve_checkpoint(args.checkpoint)
     model = engine.load_checkpoint(path, args.device)
     data = args.data or (run_config.data if run_config else None)
     predictor = Predictor(model, data=data, device=args.device)
     images = viz.ImageFolder.for_data(predictor.data_dir, args.images)
     picture = viz.visualize(predictor, args.question, args.image_id, images, args.boxes)
-    picture.save(args.out)
+    atomic_write(args.out, lambda tmp: picture.save(tmp, format="PNG"))
     print(f"wrote {args.out} ({picture.width} x {picture.height})")
     return 0
 
@@ -667,12 +704,18 @@ def _run_synth(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. The errors of everyday mistakes (a missing or damaged file, a wrong value,
+    an unknown image id, a file that cannot be written) print one line, `ban: error: ...`, and
+    exit with 2; only a bug shows a traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # FileNotFoundError, PermissionError, ConfigError, ...
         print(f"ban: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ban: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
