@@ -459,7 +459,8 @@ def _add_image_options(p) -> None:
     p.add_argument(
         "--backbone",
         default="efficientnet-lite0",
-        help="efficientnet-lite0 (pip install 'ban[images]'), or a network file (.pt2 of "
+        help="efficientnet-lite0 (pip install -e '.[images]' in the checkout), or a network file "
+        "(.pt2 of "
         "torch.export, or TorchScript) mapping [B, 3, S, S] to [B, D, h, w] (docs/images.md)",
     )
     p.add_argument("--size", type=int, default=320, help="pictures are resized to SIZE x SIZE")
@@ -569,7 +570,8 @@ def _add_data_commands(data) -> None:
         choices=("detector", "backbone"),
         default="detector",
         help="region features: the simulated detector (default), or grid cells of a picture "
-        "backbone run on the rendered PNGs (needs ban[images] for the default backbone)",
+        "backbone run on the rendered PNGs (the default backbone needs pip install -e "
+        "'.[images]' in the checkout)",
     )
     p.add_argument(
         "--backbone",

@@ -258,3 +258,25 @@ def test_a_truncated_feature_file_is_called_damaged(trained, tiny_data, tmp_path
                  str(entry["image_id"]), "--question", "what?"])  # fmt: skip
     assert code == 2
     _one_line_error(capsys, "damaged", "features")
+
+
+def test_the_install_hint_installs_this_checkout(monkeypatch, tmp_path, capsys):
+    """`pip install "ban[images]"` would fetch an unrelated package named ban from the index."""
+    from pathlib import Path
+
+    from ban import images
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)  # not installed
+    with pytest.raises(ImportError) as caught:
+        images.efficientnet_lite0()
+    assert 'pip install -e ".[images]"' in str(caught.value)
+    (tmp_path / "pics").mkdir()
+    assert main(["features", "extract", "--images", str(tmp_path / "pics"),
+                 "--out", str(tmp_path / "f.h5")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.startswith("ban: error: ") and 'pip install -e ".[images]"' in err
+    root = Path(__file__).resolve().parents[1]
+    for path in [root / "README.md", *root.glob("docs/*.md"), *root.glob("ban/**/*.py")]:
+        text = path.read_text(encoding="utf-8")
+        assert "install ban[" not in text and "install 'ban[" not in text, path
+        assert 'install "ban[' not in text, path
