@@ -11,7 +11,7 @@ def _add_info(commands) -> None:
     p.add_argument("--preset", default="ban-8-vqa", help="a named preset (see `ban info --list`)")
     p.add_argument("--checkpoint", help="describe the model in this checkpoint instead")
     p.add_argument("--list", action="store_true", help="list the presets")
-    p.add_argument("--boxes", type=int, default=36, help="boxes per image for the FLOP count")
+    p.add_argument("--boxes", type=_positive, default=36, help="boxes per image for the FLOP count")
     p.set_defaults(func=_run_info)
 
 
@@ -643,7 +643,15 @@ def _run_convert_features(args) -> int:
 
     ids = None
     if args.image_ids:
-        ids = [int(line) for line in Path(args.image_ids).read_text().split() if line]
+        ids = []
+        for n, line in enumerate(Path(args.image_ids).read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    ids.append(int(line))
+                except ValueError:
+                    raise ValueError(
+                        f"{args.image_ids}:{n}: expected an image id (an integer), got {line!r}"
+                    ) from None
     info = convert_features(args.tsv, args.out, image_ids=ids, fp16=args.fp16)
     print(f"wrote {args.out}: {info['images']} images, {info['boxes']} boxes")
     if info["missing"]:

@@ -199,6 +199,7 @@ def test_everyday_mistakes_print_one_line(trained, tiny_data, tmp_path, capsys):
     entry = json.loads((tiny_data / "val2014.jsonl").read_text().splitlines()[0])
     ask = ["--image-id", str(entry["image_id"]), "--question", "what?"]
     (tmp_path / "notes.txt").write_text("not a picture\n")
+    convert = ["data", "convert-features", str(tmp_path / "notes.txt"), "--out", "f.h5"]
     cases = [
         (["predict", str(tmp_path / "none.safetensors"), *ask], "checkpoint not found"),
         (["predict", str(tmp_path), *ask], "holds no best.safetensors"),
@@ -230,6 +231,10 @@ def test_everyday_mistakes_print_one_line(trained, tiny_data, tmp_path, capsys):
         (["train", "--config", str(tmp_path / "notes.txt")], "expected a mapping"),
         (["info", "--preset", "ban-huge"], "unknown preset 'ban-huge'"),
         (["evaluate", str(trained), "--split", "nosuch"], "nosuch"),
+        (
+            convert + ["--image-ids", str(tmp_path / "notes.txt")],
+            "notes.txt:1: expected an image id (an integer), got 'not a picture'",
+        ),  # fmt: skip
     ]
     for argv, expected in cases:
         assert main(argv) == 2, argv
