@@ -7,6 +7,7 @@ directory as `config.yaml`, so `ban train --config RUN/config.yaml` repeats a ru
 
 from __future__ import annotations
 
+import functools
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -167,6 +168,7 @@ class TrainConfig(BaseModel):
         return self.model_dump()
 
 
+@functools.cache
 def _model_field_types() -> dict[str, TypeAdapter]:
     """A validator for each BANConfig field, from its type hint (int, float, bool, str)."""
     from ban.model import BANConfig
