@@ -52,10 +52,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
     except SafetensorError as error:
-        raise ValueError(
-            f"{path}: not a ban checkpoint (not a safetensors file: {error}); "
-            "for a checkpoint of the original release use ban.load_official"
-        ) from None
+        raise damaged(path, error) from None
     if raw.get("format") != FORMAT:
         raise ValueError(
             f"{path}: not a ban checkpoint (format {raw.get('format')!r}, expected {FORMAT!r})"
@@ -70,7 +67,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> BAN | B
     """Rebuild the model saved by `save`, in eval mode, with `.vocabulary`, `.answers`, `.notes`."""
     metadata = read_metadata(path)
     model = build(BANConfig.from_dict(metadata["config"]))
-    state = load_file(str(path), device="cpu")
+    try:
+        state = load_file(str(path), device="cpu")
+    except SafetensorError as error:
+        raise damaged(path, error) from None
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
@@ -79,6 +79,15 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> BAN | B
     model.answers = metadata["answers"]
     model.notes = metadata["notes"]
     return model.to(device).eval()
+
+
+def damaged(path: str | os.PathLike, error: Exception) -> ValueError:
+    """The error for a `.safetensors` file whose header or tensors do not read: random bytes, a
+    truncated copy, or another kind of file renamed."""
+    return ValueError(
+        f"{path}: not a safetensors checkpoint, or a damaged (truncated or corrupt) one: "
+        f"{' '.join(str(error).split())}"
+    )
 
 
 def is_own_checkpoint(path: str | os.PathLike) -> bool:
@@ -100,6 +109,8 @@ def load_any(
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if is_own_checkpoint(path):
         return load(path, device)
+    if Path(path).suffix == ".safetensors":  # not a pickle of the release: say what it is not
+        raise damaged(path, SafetensorError("its header is not JSON"))
     return load_official(path, dictionary=dictionary, label2ans=label2ans, device=device)
 
 

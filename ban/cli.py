@@ -11,7 +11,7 @@ def _add_info(commands) -> None:
     p.add_argument("--preset", default="ban-8-vqa", help="a named preset (see `ban info --list`)")
     p.add_argument("--checkpoint", help="describe the model in this checkpoint instead")
     p.add_argument("--list", action="store_true", help="list the presets")
-    p.add_argument("--boxes", type=int, default=36, help="boxes per image for the FLOP count")
+    p.add_argument("--boxes", type=_positive, default=36, help="boxes per image for the FLOP count")
     p.set_defaults(func=_run_info)
 
 
@@ -114,8 +114,6 @@ def _add_train(commands) -> None:
 
 
 def _run_train(args) -> int:
-    import yaml
-
     from ban import configs, engine
     from ban.tasks import task_for
 
@@ -141,7 +139,7 @@ def _run_train(args) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        flags[key.strip()] = yaml.safe_load(value)
+        flags[key.strip()] = configs.parse_value(key.strip(), value)
     if args.resume:
         if args.preset or args.config or flags or args.out:
             raise ValueError("--resume takes the run's own config; drop the other settings")
@@ -316,8 +314,10 @@ def _add_predict(commands) -> None:
     )
     p.add_argument("--question", required=True)
     p.add_argument("--data", help="prepared data directory (default: the run's, or the benchmark)")
-    p.add_argument("--top-k", type=int, default=5, help="answers to show")
-    p.add_argument("--boxes", type=int, default=3, help="most attended boxes to show per glimpse")
+    p.add_argument("--top-k", type=_positive, default=5, help="answers to show")
+    p.add_argument(
+        "--boxes", type=_positive, default=3, help="most attended boxes to show per glimpse"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--device", help="cpu, cuda, ... (default: cpu)", default="cpu")
     p.add_argument("--dictionary", help="release checkpoints: the release's dictionary.pkl")
@@ -325,16 +325,47 @@ def _add_predict(commands) -> None:
     p.set_defaults(func=_run_predict)
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _question(text: str) -> str:
+    """`--question`, checked by the rule the API applies (ban.predict.check_question) before
+    anything is loaded."""
+    from ban.predict import QuestionError, check_question
+
+    try:
+        return check_question(text)
+    except QuestionError as error:
+        raise ValueError(f"--question: {error}") from None
+
+
 def _run_predict(args) -> int:
     import json
 
-    from ban.predict import Predictor
+    from ban.predict import Predictor, ignored_words
+    from ban.text import MAX_LENGTH
 
+    args.question = _question(args.question)
     predictor = Predictor.from_checkpoint(
         args.checkpoint, args.data, args.device, args.dictionary, args.label2ans
     )
     image_id = args.image_id if args.image is None else predictor.add_picture(args.image)
     result = predictor(args.question, image_id, top_k=args.top_k, top_boxes=args.boxes)
+    ignored = ignored_words(args.question)
+    if ignored:
+        print(
+            f"note: the model reads the first {MAX_LENGTH} words of a question; "
+            f"{len(ignored)} more were left out ({' '.join(ignored)})",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -357,19 +388,23 @@ def _add_visualize(commands) -> None:
     p.add_argument("--out", default="attention.png", help="the PNG to write")
     p.add_argument("--data", help="prepared data directory (default: the run's, or the benchmark)")
     p.add_argument("--images", help="folder of the pictures (default: RAW/images of the manifest)")
-    p.add_argument("--boxes", type=int, default=3, help="most attended boxes to draw per glimpse")
+    p.add_argument(
+        "--boxes", type=_positive, default=3, help="most attended boxes to draw per glimpse"
+    )
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_run_visualize)
 
 
 def _run_visualize(args) -> int:
     from ban import viz
+    from ban.files import atomic_write
     from ban.predict import Predictor
 
+    args.question = _question(args.question)
     predictor = Predictor.from_checkpoint(args.checkpoint, args.data, args.device)
     images = viz.ImageFolder.for_data(predictor.data_dir, args.images)
     picture = viz.visualize(predictor, args.question, args.image_id, images, args.boxes)
-    picture.save(args.out)
+    atomic_write(args.out, lambda tmp: picture.save(tmp, format="PNG"))
     print(f"wrote {args.out} ({picture.width} x {picture.height})")
     return 0
 
@@ -429,7 +464,8 @@ def _add_image_options(p) -> None:
     p.add_argument(
         "--backbone",
         default="efficientnet-lite0",
-        help="efficientnet-lite0 (pip install 'ban[images]'), or a network file (.pt2 of "
+        help="efficientnet-lite0 (pip install -e '.[images]' in the checkout), or a network file "
+        "(.pt2 of "
         "torch.export, or TorchScript) mapping [B, 3, S, S] to [B, D, h, w] (docs/images.md)",
     )
     p.add_argument("--size", type=int, default=320, help="pictures are resized to SIZE x SIZE")
@@ -552,7 +588,8 @@ def _add_data_commands(data) -> None:
         choices=("detector", "backbone"),
         default="detector",
         help="region features: the simulated detector (default), or grid cells of a picture "
-        "backbone run on the rendered PNGs (needs ban[images] for the default backbone)",
+        "backbone run on the rendered PNGs (the default backbone needs pip install -e "
+        "'.[images]' in the checkout)",
     )
     p.add_argument(
         "--backbone",
@@ -624,7 +661,15 @@ def _run_convert_features(args) -> int:
 
     ids = None
     if args.image_ids:
-        ids = [int(line) for line in Path(args.image_ids).read_text().split() if line]
+        ids = []
+        for n, line in enumerate(Path(args.image_ids).read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    ids.append(int(line))
+                except ValueError:
+                    raise ValueError(
+                        f"{args.image_ids}:{n}: expected an image id (an integer), got {line!r}"
+                    ) from None
     info = convert_features(args.tsv, args.out, image_ids=ids, fp16=args.fp16)
     print(f"wrote {args.out}: {info['images']} images, {info['boxes']} boxes")
     if info["missing"]:
@@ -689,12 +734,18 @@ def _run_synth(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. The errors of everyday mistakes (a missing or damaged file, a wrong value,
+    an unknown image id, a file that cannot be written) print one line, `ban: error: ...`, and
+    exit with 2; only a bug shows a traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # FileNotFoundError, PermissionError, ConfigError, ...
         print(f"ban: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ban: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

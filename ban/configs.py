@@ -7,45 +7,159 @@ directory as `config.yaml`, so `ban train --config RUN/config.yaml` repeats a ru
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+import functools
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from ban.files import atomic_write_text
 
 
-@dataclass
-class TrainConfig:
-    """One training run. Epochs are 0-indexed throughout, as in the release's `train.py`."""
+class ConfigError(ValueError):
+    """A training setting of the wrong type or value; the message names the key and what it
+    expects, and where the value came from (a YAML file, the command line, ...)."""
 
-    task: str = "vqa"  # 'vqa' or 'flickr' (phrase grounding, ban/grounding.py)
+
+def _refuse_bool(expected: str):
+    def check(value: Any) -> Any:
+        # YAML reads `yes`/`true` as booleans; pydantic's lax mode would take them as 1 or 1.0
+        if isinstance(value, bool):
+            raise PydanticCustomError("not_bool", "{expected}", {"expected": expected})
+        return value
+
+    return check
+
+
+def _listed(value: Any) -> Any:
+    # `--set lr_decay_epochs=10` means [10], as `--set train_splits=train2014` means [train2014]
+    return [value] if isinstance(value, (str, int, float)) else value
+
+
+Integer = Annotated[int, BeforeValidator(_refuse_bool("an integer"))]  # 3, "3"; not 2.5, "ten"
+Number = Annotated[float, BeforeValidator(_refuse_bool("a number"))]  # 1e-3, "1e-3" (YAML: a str)
+
+
+def _error(message: str) -> PydanticCustomError:
+    """A validation error whose message is `message` as it stands (braces and all)."""
+    return PydanticCustomError("ban_config", "{message}", {"message": message})
+
+
+class TrainConfig(BaseModel):
+    """One training run. Epochs are 0-indexed throughout, as in the release's `train.py`.
+
+    Every field is typed and validated (pydantic): a value of the wrong type or out of range is
+    an error naming the key (`override` and `resolve` raise `ConfigError`)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    task: Literal["vqa", "flickr"] = "vqa"  # 'flickr': phrase grounding, ban/grounding.py
     model: str = "ban-small"  # a preset of ban.model.PRESETS
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # BANConfig fields
+    model_overrides: dict[str, Any] = Field(default_factory=dict)  # BANConfig fields
     data: str | None = None  # a prepared directory; None = the built-in benchmark
-    train_splits: list[str] = field(default_factory=lambda: ["train2014"])
+    train_splits: Annotated[list[str], BeforeValidator(_listed), Field(min_length=1)] = Field(
+        default_factory=lambda: ["train2014"]
+    )
     eval_split: str | None = "val2014"  # None: no evaluation during training (train+val runs)
-    epochs: int = 13
-    batch_size: int = 256  # global: summed over processes and accumulation steps
-    optimizer: str = "adamax"
-    lr: float | None = None  # base rate; None = 1e-3 with an eval split, 7e-4 without (release)
-    lr_warmup: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
-    lr_decay_epochs: list[int] = field(default_factory=lambda: [10, 12])
-    lr_decay_factor: float = 0.25
-    grad_clip: float = 0.25  # global 2-norm; 0 disables
-    seed: int = 1204
-    grad_accum: int = 1
-    amp: str | None = None  # None | 'bf16' | 'fp16'
+    epochs: Annotated[Integer, Field(ge=1)] = 13
+    batch_size: Annotated[Integer, Field(ge=1)] = 256  # global: over processes and accumulation
+    optimizer: Literal["adamax"] = "adamax"
+    # base rate; None = 1e-3 with an eval split, 7e-4 without (release)
+    lr: Annotated[Number, Field(gt=0, allow_inf_nan=False)] | None = None
+    lr_warmup: Annotated[
+        list[Annotated[Number, Field(gt=0, allow_inf_nan=False)]], BeforeValidator(_listed)
+    ] = Field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
+    lr_decay_epochs: Annotated[list[Annotated[Integer, Field(ge=0)]], BeforeValidator(_listed)] = (
+        Field(default_factory=lambda: [10, 12])
+    )
+    lr_decay_factor: Annotated[Number, Field(gt=0, allow_inf_nan=False)] = 0.25
+    grad_clip: Annotated[Number, Field(ge=0, allow_inf_nan=False)] = 0.25  # 2-norm; 0 disables
+    seed: Annotated[Integer, Field(ge=0)] = 1204
+    grad_accum: Annotated[Integer, Field(ge=1)] = 1
+    amp: Literal["bf16", "fp16"] | None = None
     compile: bool = False
     device: str | None = None  # None = cuda when available, else cpu
-    num_workers: int = 0
-    eval_batch_size: int | None = None  # None = batch_size
-    log_every: int = 50  # optimizer steps between JSONL step records
-    protocol: str = "any"  # flickr: 'any' (the release's) or 'merged' (one union box per phrase)
+    num_workers: Annotated[Integer, Field(ge=0)] = 0
+    eval_batch_size: Annotated[Integer, Field(ge=1)] | None = None  # None = batch_size
+    log_every: Annotated[Integer, Field(ge=1)] = 50  # optimizer steps between JSONL step records
+    protocol: Literal["any", "merged"] = "any"  # flickr: 'any' (the release's) or 'merged' boxes
     compat: bool = False  # flickr: the release's phrase positions (first match, before commas)
     # A NaN or infinite loss or gradient stops training with an error (False), or the step is
     # skipped and counted in the epoch's record (True; reading the check waits for the device).
     skip_nonfinite: bool = False
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        from ban.model import PRESETS as MODEL_PRESETS
+
+        if name not in MODEL_PRESETS:
+            raise _error(
+                f"model must be a model preset, one of {', '.join(MODEL_PRESETS)}; got {name!r}"
+            )
+        return name
+
+    @field_validator("model_overrides")
+    @classmethod
+    def _model_fields(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        types = _model_field_types()
+        checked = {}
+        for key, value in overrides.items():
+            if key not in types:
+                raise _error(
+                    f"model.{key}: unknown model setting; expected one of model."
+                    + ", model.".join(types)
+                )
+            try:
+                checked[key] = types[key].validate_python(value)
+            except ValidationError as error:
+                raise _error(f"model.{key} {_expects(error.errors()[0])}, got {value!r}") from None
+        return checked
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str | None) -> str | None:
+        import torch
+
+        if device is not None:
+            try:
+                torch.device(device)
+            except RuntimeError:
+                raise _error(
+                    f"device must be a device such as cpu, cuda, cuda:1 or mps, got {device!r}"
+                ) from None
+        return device
+
+    @model_validator(mode="after")
+    def _model_fits_task(self) -> TrainConfig:
+        # The model's own checks (glimpses 1..32, fusion, ...) and its task, before a run starts.
+        from ban import model as model_lib
+
+        try:
+            model = model_lib.preset(self.model, **self.model_overrides)
+        except ValueError as error:
+            # BANConfig's checks start with the field's name: "glimpses must be in 1..32, ..."
+            named = str(error).split()[0] in self.model_overrides
+            raise _error(f"model.{error}" if named else f"model {self.model}: {error}") from None
+        expected = "grounding" if self.task == "flickr" else "vqa"
+        if model.task != expected:
+            raise _error(
+                f"task {self.task} needs a {expected} model, but model {self.model} is a "
+                f"{model.task} model"
+            )
+        return self
 
     def base_lr(self) -> float:
         """The base rate: explicit, or the release's rule (1e-3 train-only, 7e-4 train+val)."""
@@ -54,7 +168,78 @@ class TrainConfig:
         return 1e-3 if self.eval_split else 7e-4
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
+
+
+@functools.cache
+def _model_field_types() -> dict[str, TypeAdapter]:
+    """A validator for each BANConfig field, from its type hint (int, float, bool, str)."""
+    from ban.model import BANConfig
+
+    numbers = {int: Integer, float: Number}
+    return {
+        name: TypeAdapter(numbers.get(hint, hint))
+        for name, hint in typing.get_type_hints(BANConfig).items()
+    }
+
+
+def _expects(error: dict) -> str:
+    """What pydantic's error says the value should be, in the words of this project."""
+    kind, ctx = error["type"], error.get("ctx", {})
+    words = {
+        "int_parsing": "must be an integer",
+        "int_type": "must be an integer",
+        "int_from_float": "must be an integer",
+        "float_parsing": "must be a number",
+        "float_type": "must be a number",
+        "finite_number": "must be a finite number",
+        "bool_parsing": "must be true or false",
+        "bool_type": "must be true or false",
+        "string_type": "must be a string",
+        "list_type": "must be a list",
+        "dict_type": "must be a mapping",
+        "too_short": "must not be empty",
+        "extra_forbidden": "is not a training setting",
+    }
+    if kind in words:
+        return words[kind]
+    if kind == "greater_than_equal":
+        return f"must be >= {ctx['ge']}"
+    if kind == "greater_than":
+        return f"must be > {ctx['gt']}"
+    if kind == "not_bool":
+        return f"must be {ctx['expected']}, not true/false"
+    if kind == "literal_error":
+        return f"must be {ctx['expected']}"
+    return error["msg"]
+
+
+def _describe(error: ValidationError, source: str) -> ConfigError:
+    """One line per wrong setting: `SOURCE: KEY must be WHAT, got VALUE`."""
+    lines = []
+    for item in error.errors():
+        key = ""
+        for part in item["loc"]:
+            key += f"[{part}]" if isinstance(part, int) else f"{'.' if key else ''}{part}"
+        if item["type"] == "ban_config":  # written whole by a validator above
+            message = item["ctx"]["message"]
+        else:
+            expects = _expects(item)
+            field = TrainConfig.model_fields.get(str(item["loc"][0])) if item["loc"] else None
+            if item["type"] == "literal_error" and field and field.default is None:
+                expects += " or null"
+            message = f"{key} {expects}, got {item['input']!r}"
+        lines.append(f"{source}: {message}")
+    return ConfigError("\n".join(lines))
+
+
+def validate(values: dict[str, Any], source: str = "settings") -> TrainConfig:
+    """A TrainConfig of `values` (every field named, or the defaults); a wrong key, type or value
+    is a `ConfigError` naming `source`, the key and what it expects."""
+    try:
+        return TrainConfig.model_validate(values)
+    except ValidationError as error:
+        raise _describe(error, source) from None
 
 
 # Fields that may change when a run is resumed: they decide where and how fast, not what.
@@ -110,55 +295,32 @@ def preset(name: str) -> TrainConfig:
     """A copy of the named training preset."""
     if name not in PRESETS:
         raise ValueError(f"unknown training preset {name!r}; expected one of {sorted(PRESETS)}")
-    return dataclasses.replace(PRESETS[name], **_copy_containers(PRESETS[name]))
-
-
-def _copy_containers(config: TrainConfig) -> dict[str, Any]:
-    return {
-        f.name: type(getattr(config, f.name))(getattr(config, f.name))
-        for f in dataclasses.fields(config)
-        if isinstance(getattr(config, f.name), (list, dict))
-    }
+    return PRESETS[name].model_copy(deep=True)
 
 
 def override(config: TrainConfig, values: dict[str, Any], source: str = "overrides") -> TrainConfig:
     """`config` with `values` applied. Keys are field names; `model.X` sets a model field X
-    (merged into `model_overrides`). Unknown keys are an error naming `source`."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    changes: dict[str, Any] = {}
+    (merged into `model_overrides`). Unknown keys, and values of the wrong type or range, are a
+    `ConfigError` naming `source` and the key."""
+    names = set(TrainConfig.model_fields)
+    merged = config.to_dict()
     model_overrides = dict(config.model_overrides)
     for key, value in values.items():
         if key.startswith("model."):
             model_overrides[key.removeprefix("model.")] = value
         elif key == "model_overrides":
             if not isinstance(value, dict):
-                raise ValueError(f"{source}: model_overrides must be a mapping, got {value!r}")
+                raise ConfigError(f"{source}: model_overrides must be a mapping, got {value!r}")
             model_overrides.update(value)
         elif key in names:
-            changes[key] = _coerce(key, value, source)
+            merged[key] = value
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"{source}: unknown training setting {key!r}; expected one of {sorted(names)} "
                 "or model.<BANConfig field>"
             )
-    return dataclasses.replace(config, **changes, model_overrides=model_overrides)
-
-
-def _coerce(key: str, value: Any, source: str) -> Any:
-    default = getattr(TrainConfig(), key)
-    if isinstance(default, list) and isinstance(value, (str, int, float)):
-        value = [value]
-    if isinstance(default, bool) and not isinstance(value, bool):
-        raise ValueError(f"{source}: {key} must be true or false, got {value!r}")
-    if isinstance(default, int) and not isinstance(default, bool) and not isinstance(value, int):
-        raise ValueError(f"{source}: {key} must be an integer, got {value!r}")
-    if key == "amp" and value not in (None, "bf16", "fp16"):
-        raise ValueError(f"{source}: amp must be bf16, fp16 or null, got {value!r}")
-    if key == "task" and value not in ("vqa", "flickr"):
-        raise ValueError(f"{source}: task must be vqa or flickr, got {value!r}")
-    if key == "protocol" and value not in ("any", "merged"):
-        raise ValueError(f"{source}: protocol must be any or merged, got {value!r}")
-    return value
+    merged["model_overrides"] = model_overrides
+    return validate(merged, source)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -166,9 +328,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not a YAML file ({_one_line(error)})") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of training settings, got {type(values)}")
+        raise ConfigError(
+            f"{path}: expected a mapping of training settings, got {type(values).__name__}"
+        )
+    if not all(isinstance(key, str) for key in values):
+        raise ConfigError(f"{path}: the keys must be setting names, got {list(values)}")
     return values
 
 
@@ -191,7 +360,20 @@ def resolve(
 
 
 def save_yaml(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write `config` as YAML, atomically (a reader sees the old file or the whole new one)."""
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def parse_value(key: str, text: str) -> Any:
+    """The value of `--set KEY=TEXT`, read as YAML (`10`, `1e-3`, `[10, 12]`, `null`)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {key}={text}: not a YAML value ({_one_line(error)})") from None
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 def from_yaml(path: str | Path) -> TrainConfig:

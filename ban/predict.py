@@ -18,7 +18,45 @@ from torch import nn
 from ban.checkpoint import load_any
 from ban.engine.runs import resolve_checkpoint
 from ban.tasks.vqa import resolve_data
-from ban.text import UNK, Dictionary
+from ban.text import MAX_LENGTH, UNK, Dictionary, tokenize
+
+MAX_QUESTION = 300  # characters of a question (the model reads its first MAX_LENGTH words)
+
+
+class QuestionError(ValueError):
+    """A question refused by `check_question` (the API answers it with 400)."""
+
+
+class UnknownImageError(KeyError, ValueError):
+    """An image id with no features in the prepared data (or no uploaded picture of that id).
+    A KeyError for lookups, a ValueError for the command line's error messages."""
+
+    def __str__(self) -> str:  # the message as it stands, without KeyError's quotes
+        return str(self.args[0]) if self.args else ""
+
+
+def check_question(question: object) -> str:
+    """The question, stripped of surrounding spaces, or `QuestionError`: the one rule that the
+    command line (`ban predict`, `ban visualize`), `Predictor` and the API all apply. A question
+    is a string with at least one word and at most `MAX_QUESTION` characters. Words past the
+    first `MAX_LENGTH` (14, the release's) are read by no model: see `ignored_words`."""
+    if not isinstance(question, str):
+        raise QuestionError("question must be a string")
+    question = question.strip()
+    if not question:
+        raise QuestionError("question is empty")
+    if len(question) > MAX_QUESTION:
+        raise QuestionError(
+            f"question is too long: {len(question)} characters, at most {MAX_QUESTION}"
+        )
+    if not tokenize(question):
+        raise QuestionError(f"question has no words: {question!r}")
+    return question
+
+
+def ignored_words(question: str) -> list[str]:
+    """The words of `question` past the first `MAX_LENGTH`, which the model does not read."""
+    return tokenize(question)[MAX_LENGTH:]
 
 
 @dataclass
@@ -133,7 +171,7 @@ class Predictor:
                 boxes = store.boxes(image_id)
                 return features, spatials, boxes
         names = ", ".join(s.path.name for s in self._stores) or "none"
-        raise KeyError(
+        raise UnknownImageError(
             f"image {image_id} is in none of the feature files of {self.data_dir} ({names})"
         )
 
@@ -141,7 +179,9 @@ class Predictor:
     def __call__(
         self, question: str, image_id: int, top_k: int = 5, top_boxes: int = 3
     ) -> Prediction:
-        """Answer `question` about image `image_id` of the prepared directory."""
+        """Answer `question` about image `image_id` of the prepared directory (`QuestionError`
+        for a question that `check_question` refuses, `UnknownImageError` for an unknown id)."""
+        question = check_question(question)
         features, spatials, pixel_boxes = self.region_features(int(image_id))
         ids = self.dictionary.encode(question)
         tokens = [

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ban.files import atomic_write_text
+
 UNK = "<unk>"
 MAX_LENGTH = 14
 
@@ -114,12 +116,13 @@ class Dictionary:
         return cls(words, release_unk=release_unk)
 
     def save(self, path: str | Path) -> None:
+        """Write the word list as JSON, atomically (the old file or the whole new one)."""
         data = {
             "words": self.words,
             "padding_idx": self.padding_idx,
             "unknown": "release" if self.release_unk else UNK,
         }
-        Path(path).write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        atomic_write_text(path, json.dumps(data, ensure_ascii=False))
 
     @classmethod
     def load(cls, path: str | Path) -> Dictionary:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ban.files import atomic_write
 from ban.predict import Prediction, Predictor
 
 # one colour per glimpse (matplotlib's tab10), as hex for the web page too
@@ -269,8 +270,7 @@ def plot_accuracy_by_type(
     ax.set_title("accuracy by question type (questions)")
     figure.tight_layout()
     path = Path(out_dir) / "accuracy_by_question_type.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
     return path
 
 
@@ -309,6 +309,6 @@ def gallery(
                 predictor, entry["question"], row["image_id"], images, truth=entry.get("answers")
             )
             path = out_dir / f"{kind}-{row['question_id']}.png"
-            picture.save(path)
+            atomic_write(path, lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
             paths.append(path)
     return paths

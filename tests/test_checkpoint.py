@@ -42,8 +42,28 @@ def test_round_trip(tmp_path):
 def test_a_pickle_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "model.safetensors"
     torch.save({"weights": torch.zeros(3), "run": os.system}, path)
-    with pytest.raises(ValueError, match="not a ban checkpoint"):
+    with pytest.raises(ValueError, match="model.safetensors: not a safetensors checkpoint"):
         ban.load(path)
+    with pytest.raises(ValueError, match="model.safetensors: not a safetensors checkpoint"):
+        load_any(path)  # not sent on to the release's pickle reader
+
+
+@pytest.mark.parametrize("name", ["random.safetensors", "brace.safetensors", "cut.safetensors"])
+def test_a_damaged_safetensors_file_is_named(tmp_path, capsys, name):
+    path = tmp_path / name
+    noise = bytearray(os.urandom(4096))
+    if name == "brace.safetensors":
+        noise[8:9] = b"{"  # looks like a safetensors header until it is parsed
+    if name == "cut.safetensors":
+        whole = ban.save(_model(), tmp_path / "whole.safetensors").read_bytes()
+        noise = whole[: len(whole) // 2]
+    path.write_bytes(bytes(noise))
+    with pytest.raises(ValueError, match=f"{name}: not a safetensors checkpoint, or a damaged"):
+        load_any(path)
+    assert main(["info", "--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ban: error: {path}: not a safetensors checkpoint, or a damaged")
+    assert "Traceback" not in err and "load_official" not in err and len(err.splitlines()) == 1
 
 
 def test_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):

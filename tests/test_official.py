@@ -1,5 +1,6 @@
 """`ban.load_official` against an independent re-statement of the release's computation."""
 
+import os
 import pickle
 
 import pytest
@@ -134,6 +135,56 @@ def test_a_checkpoint_carrying_code_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="not a plain-data pickle"):
         read_plain_pickle(tmp_path / "evil.pkl")
     assert "this must never run" not in capsys.readouterr().out
+
+
+def _no_advice(message):
+    """A refusal teaches nothing of how to load the file anyway, and prints no escape codes."""
+    for advice in ("weights_only", "add_safe_globals", "safe_globals", "trust", "\x1b["):
+        assert advice not in message, (advice, message)
+
+
+def test_a_refusal_names_the_code_and_gives_no_advice(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    torch.save({"model_state": random_release_state(), "hook": print}, path)
+    with pytest.raises(ValueError) as caught:
+        ban.load_official(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: refused: the file refers to print, which is code")
+    _no_advice(message)
+    assert main(["info", "--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "refused" in err
+    _no_advice(err)
+
+
+def _truncated_old_format(tmp_path):
+    path = tmp_path / "old.pth"
+    torch.save(random_release_state(), path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    return [data[:n] for n in (1, 40, 120, 300, len(data) // 2, len(data) - 1)]
+
+
+def test_random_or_truncated_bytes_are_damaged_not_unsafe(tmp_path, capsys):
+    torch.save(random_release_state(), tmp_path / "whole.pth")
+    whole = (tmp_path / "whole.pth").read_bytes()
+    cases = {
+        "random.pth": os.urandom(4096),
+        "pickle-like.pth": b"\x80" + os.urandom(4095),  # a pickle's first byte, then noise
+        "cut.pth": whole[: len(whole) // 2],
+    }
+    for n, data in enumerate(_truncated_old_format(tmp_path)):
+        cases[f"cut-old-{n}.pth"] = data  # the release's own (pre-1.6) format, cut short
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError) as caught:
+            ban.load_official(tmp_path / name)
+        message = str(caught.value)
+        assert message.startswith(f"{tmp_path / name}: not a PyTorch checkpoint, or a damaged")
+        assert "refused" not in message
+        _no_advice(message)
+    assert main(["info", "--checkpoint", str(tmp_path / "random.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "not a PyTorch checkpoint, or a damaged" in err and len(err.splitlines()) == 1
 
 
 def test_unexpected_keys_and_missing_files_are_named(tmp_path):

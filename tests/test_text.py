@@ -1,5 +1,6 @@
 import itertools
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,3 +150,22 @@ def test_tfidf_init_is_matrix_times_glove(tmp_path):
     assert init.shape == (len(d), 5) and init.dtype == np.float32
     np.testing.assert_allclose(init, dense @ glove, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(init[d.word2idx[UNK]], 0)  # <unk> never co-occurs
+
+
+def test_dictionary_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "dictionary.json"
+    Dictionary(["what", "is", "<unk>"]).save(path)
+    before = path.read_bytes()
+
+    def full_disk(self, text, *args, **kwargs):  # writes a part, then fails
+        with open(self, "w", encoding="utf-8") as f:
+            f.write(text[:5])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="disk full"):
+        Dictionary(["how", "many", "cubes", "<unk>"]).save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["dictionary.json"]
+    monkeypatch.undo()
+    assert Dictionary.load(path).words == ["what", "is", "<unk>"]

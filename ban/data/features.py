@@ -360,7 +360,13 @@ class FeatureStore:
                 ids = f["image_ids"][()]
                 self._pos = f["pos_boxes"][()]
                 self.dim = int(f["image_features"].shape[1])
-        except (OSError, KeyError) as error:
+        except OSError as error:
+            if "truncated" in str(error):  # h5py: "truncated file: eof = ..., stored_eof = ..."
+                raise ValueError(
+                    f"{self.path}: a damaged HDF5 file, truncated ({error}); write or copy it again"
+                ) from None
+            raise ValueError(f"{self.path}: not an HDF5 file, or a damaged one ({error})") from None
+        except KeyError as error:
             raise ValueError(
                 f"{self.path}: not a feature file of this project ({error}); "
                 "convert TSV files with `ban data convert-features`"

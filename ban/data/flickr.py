@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ban.files import atomic_write, atomic_write_text
 from ban.text import Dictionary, tokenize
 
 SPLITS = ("train", "val", "test")
@@ -309,9 +310,10 @@ def prepare_flickr(
         records, counts = caption_records(flickr_dir, split_ids[split])
         for image_id in split_ids[split]:
             texts += [c.sentence for c in read_sentences(flickr_dir / f"Sentences/{image_id}.txt")]
-        with open(out_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        atomic_write_text(
+            out_dir / f"{split}.jsonl",
+            "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records),
+        )
         manifest["splits"][split] = counts
     dictionary = Dictionary.build(texts)
     dictionary.save(out_dir / "dictionary.json")
@@ -329,10 +331,16 @@ def prepare_flickr(
     candidates = [Path(glove)] if glove else sorted((raw_dir / "glove").glob("glove.*.txt"))
     if candidates:
         weights, _ = read_glove(candidates[0], dictionary.words)
-        np.save(out_dir / "glove.npy", weights.astype(np.float32))
+        array = weights.astype(np.float32)
+        atomic_write(out_dir / "glove.npy", lambda tmp: _save_npy(tmp, array))
         manifest["glove"] = str(candidates[0])
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     return out_dir
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append '.npy' to the temp name
+        np.save(f, array)
 
 
 def default_flickr_prepared(cache_dir: str | Path | None = None) -> Path:

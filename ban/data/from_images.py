@@ -80,8 +80,8 @@ def _write_splits(
                 x for x in a_json["annotations"] if (x["image_id"] in val_ids) == is_val
             ],
         }
-        question_file(raw, name).write_text(json.dumps(q), encoding="utf-8")
-        annotation_file(raw, name).write_text(json.dumps(a), encoding="utf-8")
+        atomic_write_text(question_file(raw, name), json.dumps(q))
+        atomic_write_text(annotation_file(raw, name), json.dumps(a))
     return ["train2014", "val2014"]
 
 
