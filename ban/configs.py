@@ -12,6 +12,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import torch
 import yaml
 from pydantic import (
     BaseModel,
@@ -25,7 +26,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from ban import presets
 from ban.files import atomic_write_text
+from ban.model import BANConfig
 
 
 class ConfigError(ValueError):
@@ -66,7 +69,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
     task: Literal["vqa", "flickr"] = "vqa"  # 'flickr': phrase grounding, ban/grounding.py
-    model: str = "ban-small"  # a preset of ban.model.PRESETS
+    model: str = "ban-small"  # a preset of ban.presets.PRESETS
     model_overrides: dict[str, Any] = Field(default_factory=dict)  # BANConfig fields
     data: str | None = None  # a prepared directory; None = the built-in benchmark
     train_splits: Annotated[list[str], BeforeValidator(_listed), Field(min_length=1)] = Field(
@@ -103,11 +106,9 @@ class TrainConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        from ban.model import PRESETS as MODEL_PRESETS
-
-        if name not in MODEL_PRESETS:
+        if name not in presets.PRESETS:
             raise _error(
-                f"model must be a model preset, one of {', '.join(MODEL_PRESETS)}; got {name!r}"
+                f"model must be a model preset, one of {', '.join(presets.PRESETS)}; got {name!r}"
             )
         return name
 
@@ -131,8 +132,6 @@ class TrainConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _device(cls, device: str | None) -> str | None:
-        import torch
-
         if device is not None:
             try:
                 torch.device(device)
@@ -145,10 +144,8 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _model_fits_task(self) -> TrainConfig:
         # The model's own checks (glimpses 1..32, fusion, ...) and its task, before a run starts.
-        from ban import model as model_lib
-
         try:
-            model = model_lib.preset(self.model, **self.model_overrides)
+            model = presets.preset(self.model, **self.model_overrides)
         except ValueError as error:
             # BANConfig's checks start with the field's name: "glimpses must be in 1..32, ..."
             named = str(error).split()[0] in self.model_overrides
@@ -174,8 +171,6 @@ class TrainConfig(BaseModel):
 @functools.cache
 def _model_field_types() -> dict[str, TypeAdapter]:
     """A validator for each BANConfig field, from its type hint (int, float, bool, str)."""
-    from ban.model import BANConfig
-
     numbers = {int: Integer, float: Number}
     return {
         name: TypeAdapter(numbers.get(hint, hint))
