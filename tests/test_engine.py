@@ -118,6 +118,7 @@ def test_train_writes_the_run_directory(tiny_data, tmp_path):
     assert all("eval_score" in r and "examples_per_s" not in r for r in epochs)
     assert all(r["examples_per_s"] > 0 for r in records if r["kind"] == "step")
     report = json.loads((run / "report.json").read_text())
+    assert (report["model"], report["epoch"]) == ("last.safetensors", 1)  # what it scores
     assert set(report["official"]["by_answer_type"]) <= {"yes/no", "number", "other"}
     assert 0 <= report["official"]["overall"] <= 100
     rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
