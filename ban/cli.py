@@ -8,9 +8,13 @@ import sys
 
 def _add_info(commands) -> None:
     p = commands.add_parser("info", help="parameter count and FLOPs of a model configuration")
-    p.add_argument("--preset", default="ban-8-vqa", help="a named preset (see `ban info --list`)")
+    p.add_argument(
+        "--model",
+        default="ban-8-vqa",
+        help="a model preset, or a training recipe (its model); see `ban info --list`",
+    )
     p.add_argument("--checkpoint", help="describe the model in this checkpoint instead")
-    p.add_argument("--list", action="store_true", help="list the presets")
+    p.add_argument("--list", action="store_true", help="list the model presets and recipes")
     p.add_argument("--boxes", type=_positive, default=36, help="boxes per image for the FLOP count")
     p.set_defaults(func=_run_info)
 
@@ -21,19 +25,19 @@ def _run_info(args) -> int:
     from ban.model import describe
 
     if args.list:
-        print("models (ban info --preset NAME; ban train --model NAME):")
+        print("model presets (ban info --model NAME; ban train --model NAME):")
         for name, config in presets.PRESETS.items():
             print(f"  {name}: {config}")
-        print("training recipes (ban train --preset NAME):")
-        for name, recipe in configs.PRESETS.items():
+        print("training recipes (ban train --recipe NAME):")
+        for name, recipe in configs.RECIPES.items():
             print(f"  {name}: task {recipe.task}, model {recipe.model}, {recipe.epochs} epochs")
         return 0
     if args.checkpoint:
         model = load_any(args.checkpoint)
     else:
-        name = args.preset
-        if name not in presets.PRESETS and name in configs.PRESETS:  # a recipe: its model
-            recipe = configs.PRESETS[name]
+        name = args.model
+        if name not in presets.PRESETS and name in configs.RECIPES:  # a recipe: its model
+            recipe = configs.RECIPES[name]
             config = presets.preset(recipe.model, **recipe.model_overrides)
         else:
             config = presets.preset(name)
@@ -67,16 +71,20 @@ def _add_train(commands) -> None:
     p = commands.add_parser(
         "train",
         help="train (and evaluate) a model; no arguments: ban-small on the built-in benchmark",
-        description="Configuration: --preset, then --config YAML, then flags and --set; "
+        description="Configuration: --recipe, then --config YAML, then flags and --set; "
         "the resolved config is saved in the run directory. Under torchrun every process runs "
         "this command.",
     )
-    p.add_argument("--preset", help="training preset: ban-small (default), ban-8-vqa")
-    p.add_argument("--config", help="YAML file of training settings (may name a `preset:`)")
+    p.add_argument(
+        "--recipe",
+        help="training recipe: vqa-small (default), vqa-paper, flickr-small (default for "
+        "--task flickr), flickr-paper; see `ban info --list`",
+    )
+    p.add_argument("--config", help="YAML file of training settings (may name a `recipe:`)")
     p.add_argument(
         "--task",
         choices=["vqa", "flickr"],
-        help="vqa, or flickr (phrase grounding; default preset ban-flickr-small)",
+        help="vqa, or flickr (phrase grounding; default recipe flickr-small)",
     )
     p.add_argument("--protocol", choices=["any", "merged"], help="flickr: box protocol (any)")
     p.add_argument(
@@ -141,14 +149,13 @@ def _run_train(args) -> int:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE")
         flags[key.strip()] = configs.parse_value(key.strip(), value)
     if args.resume:
-        if args.preset or args.config or flags or args.out:
+        if args.recipe or args.config or flags or args.out:
             raise ValueError("--resume takes the run's own config; drop the other settings")
         config = engine.resume_config(args.resume, runtime)
         run_dir = args.resume
     else:
         flags.update({k: v for k, v in runtime.items() if v is not None})
-        preset = args.preset or ("ban-flickr-small" if args.task == "flickr" else None)
-        config = configs.resolve(preset, args.config, flags)
+        config = configs.resolve(args.recipe, args.config, flags)
         run_dir = args.out or engine.default_run_dir(config)
     result = engine.train(
         config,

@@ -1,4 +1,4 @@
-"""Training presets: the paper's recipe and a small CPU default, overridable by YAML and flags.
+"""Training recipes: the paper's and small CPU defaults, overridable by YAML and flags.
 
 A `TrainConfig` is everything that decides what a training run computes. It is written to the run
 directory as `config.yaml`, so `ban train --config RUN/config.yaml` repeats a run and
@@ -240,18 +240,20 @@ def validate(values: dict[str, Any], source: str = "settings") -> TrainConfig:
 # Fields that may change when a run is resumed: they decide where and how fast, not what.
 RUNTIME_FIELDS = frozenset({"device", "num_workers", "compile", "log_every", "eval_batch_size"})
 
-PRESETS: dict[str, TrainConfig] = {
+# Training recipes. Their names say the task and the scale; the model presets they train are
+# `ban.presets.PRESETS` (`ban info --list` lists both).
+RECIPES: dict[str, TrainConfig] = {
     # The release's recipe (docs/reference.md, "Training recipe"): Adamax, batch 256, 13 epochs,
     # warm-up 0.5/1.0/1.5/2.0 x base over epochs 0-3, x0.25 at every second epoch from 10 (the
     # release's range(10, 20, 2): 10 and 12 within 13 epochs), clipping 0.25, seed 1204.
     # Train on train2014 and validate on val2014 (base 1e-3); for train+val(+VG) use
     # `--set train_splits=[train2014,val2014] --set eval_split=null` (base 7e-4 then).
-    "ban-8-vqa": TrainConfig(model="ban-8-vqa", lr_decay_epochs=[10, 12, 14, 16, 18]),
+    "vqa-paper": TrainConfig(model="ban-8-vqa", lr_decay_epochs=[10, 12, 14, 16, 18]),
     # The CPU default for the built-in benchmark: the recipe's shape (Adamax, warm-up, step decay,
     # clipping 0.25) compressed to eight epochs of a small model, to train and evaluate in about
     # ten minutes on two cores. The models stay at chance for the first 3-4 epochs there before
     # they learn to read the scenes (docs/benchmark.md), so the decay comes late.
-    "ban-small": TrainConfig(
+    "vqa-small": TrainConfig(
         model="ban-small",
         epochs=8,
         batch_size=128,
@@ -261,7 +263,7 @@ PRESETS: dict[str, TrainConfig] = {
         log_every=10,
     ),
     # Flickr30k Entities with the release's recipe (the same schedule; select on val R@1).
-    "ban-flickr": TrainConfig(
+    "flickr-paper": TrainConfig(
         task="flickr",
         model="ban-flickr",
         train_splits=["train"],
@@ -270,7 +272,7 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     # The CPU default for grounding on the built-in benchmark: a small BANGrounding, the recipe
     # compressed to five epochs.
-    "ban-flickr-small": TrainConfig(
+    "flickr-small": TrainConfig(
         task="flickr",
         model="ban-flickr",
         model_overrides={"embedding_dim": 64, "hidden": 128},
@@ -286,11 +288,19 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
-def preset(name: str) -> TrainConfig:
-    """A copy of the named training preset."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown training preset {name!r}; expected one of {sorted(PRESETS)}")
-    return PRESETS[name].model_copy(deep=True)
+def recipe(name: str) -> TrainConfig:
+    """A copy of the named training recipe."""
+    if name not in RECIPES:
+        hint = ""
+        if name in presets.PRESETS:
+            trains = [r for r, c in RECIPES.items() if c.model == name]
+            hint = f"; {name!r} is a model preset" + (
+                f", trained by the recipe {trains[0]!r}" if trains else ""
+            )
+        raise ConfigError(
+            f"unknown training recipe {name!r}; expected one of {', '.join(RECIPES)}{hint}"
+        )
+    return RECIPES[name].model_copy(deep=True)
 
 
 def override(config: TrainConfig, values: dict[str, Any], source: str = "overrides") -> TrainConfig:
@@ -341,12 +351,18 @@ def resolve(
     yaml_path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> TrainConfig:
-    """Preset, then YAML file, then flags: each layer overrides the one before. A YAML file may
-    name its own base preset with a `preset:` key."""
+    """Recipe, then YAML file, then flags: each layer overrides the one before. A YAML file may
+    name its own base recipe with a `recipe:` key (default: vqa-small, or flickr-small for
+    task flickr)."""
     values = load_yaml(yaml_path) if yaml_path else {}
-    base = name or values.pop("preset", None) or "ban-small"
-    values.pop("preset", None)
-    config = preset(base)
+    if "preset" in values:
+        raise ConfigError(f"{yaml_path}: 'preset:' is now 'recipe:' (a training recipe)")
+    task = (overrides or {}).get("task", values.get("task", "vqa"))
+    base = (
+        name or values.pop("recipe", None) or ("flickr-small" if task == "flickr" else "vqa-small")
+    )
+    values.pop("recipe", None)
+    config = recipe(base)
     if values:
         config = override(config, values, source=str(yaml_path))
     if overrides:

@@ -151,7 +151,7 @@ def run(precision: str, seed: int, args: argparse.Namespace) -> dict:
         overrides["amp"] = "bf16"
     if args.data is not None:
         overrides["data"] = str(args.data)
-    config = configs.override(configs.preset("ban-small"), overrides, source="bf16_accuracy")
+    config = configs.override(configs.recipe("vqa-small"), overrides, source="bf16_accuracy")
     start = time.perf_counter()
     mode = EmulatedBF16Products() if precision == "bf16" and args.emulate else None
     with mode or contextlib.nullcontext():

@@ -64,7 +64,7 @@ def main() -> None:
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[f"model.{key.strip()}"] = yaml.safe_load(value)
-    config = configs.override(configs.preset("ban-small"), {"model": args.model, **overrides})
+    config = configs.override(configs.recipe("vqa-small"), {"model": args.model, **overrides})
     train = family_subset(data_dir, "train2014", set(args.family))
     val = family_subset(data_dir, "val2014", set(args.family))
     torch.manual_seed(args.seed)

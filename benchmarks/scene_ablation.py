@@ -1,6 +1,6 @@
 """The ablation table of the built-in scene benchmark: baselines, glimpses, fusion, counter.
 
-Trains each row with the same recipe (the `ban-small` training preset unless told otherwise) on
+Trains each row with the same recipe (the `vqa-small` training recipe unless told otherwise) on
 the same data, evaluates the last model on val2014 with the official VQA metric, and prints a
 table by answer type and by question family (read from the benchmark's scenes.json):
 
@@ -69,7 +69,7 @@ def run_row(name: str, seed: int, args: argparse.Namespace) -> dict:
         overrides["epochs"] = args.epochs
     if args.data is not None:
         overrides["data"] = str(args.data)
-    config = configs.override(configs.preset(args.preset), overrides, source="scene_ablation")
+    config = configs.override(configs.recipe(args.recipe), overrides, source="scene_ablation")
     start = time.perf_counter()
     config = train_to_end(config, run_dir, f"{name} seed {seed}")
     data_dir = vqa.resolve_data(config.data)
@@ -193,8 +193,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1204])
-    parser.add_argument("--epochs", type=int, help="default: the training preset's")
-    parser.add_argument("--preset", default="ban-small", help="training preset (ban-small)")
+    parser.add_argument("--epochs", type=int, help="default: the training recipe's")
+    parser.add_argument("--recipe", default="vqa-small", help="training recipe (vqa-small)")
     parser.add_argument("--data", type=Path, help="prepared benchmark (default: the built-in)")
     parser.add_argument("--out", type=Path, default=Path("runs/scene-ablation"))
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
@@ -224,7 +224,7 @@ def main() -> None:
     header = (
         "Official VQA accuracy (%) on val2014 of the built-in benchmark, last epoch ('train': "
         "the training-score approximation of the last epoch, dropout on); "
-        f"training preset {args.preset}, epochs {epochs}, seeds {seeds}"
+        f"training recipe {args.recipe}, epochs {epochs}, seeds {seeds}"
         + "".join(f", {item}" for item in args.set)
         + ".\n\n"
     )

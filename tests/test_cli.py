@@ -86,8 +86,13 @@ def test_predict_answers_with_boxes(trained, tiny_data, capsys):
 def test_errors_are_clear(trained, tiny_data, tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "missing"), *TINY]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["train", "--preset", "ban-huge", *TINY]) == 2
-    assert "unknown training preset 'ban-huge'" in capsys.readouterr().err
+    assert main(["train", "--recipe", "ban-huge", *TINY]) == 2
+    assert "unknown training recipe 'ban-huge'" in capsys.readouterr().err
+    assert main(["train", "--recipe", "ban-8-vqa", *TINY]) == 2  # a model preset, named as such
+    assert (
+        "'ban-8-vqa' is a model preset, trained by the recipe 'vqa-paper'"
+        in capsys.readouterr().err
+    )
     assert main(["train", "--data", str(tiny_data), "--set", "lrate=1", *TINY]) == 2
     assert "unknown training setting 'lrate'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -229,7 +234,7 @@ def test_everyday_mistakes_print_one_line(trained, tiny_data, tmp_path, capsys):
             "were not made from pictures",
         ),  # fmt: skip
         (["train", "--config", str(tmp_path / "notes.txt")], "expected a mapping"),
-        (["info", "--preset", "ban-huge"], "unknown preset 'ban-huge'"),
+        (["info", "--model", "ban-huge"], "unknown preset 'ban-huge'"),
         (["evaluate", str(trained), "--split", "nosuch"], "nosuch"),
         (
             convert + ["--image-ids", str(tmp_path / "notes.txt")],
@@ -285,3 +290,15 @@ def test_the_install_hint_installs_this_checkout(monkeypatch, tmp_path, capsys):
         text = path.read_text(encoding="utf-8")
         assert "install ban[" not in text and "install 'ban[" not in text, path
         assert 'install "ban[' not in text, path
+
+
+def test_info_lists_models_and_recipes_under_distinct_names(capsys):
+    from ban import configs, presets
+
+    assert not set(configs.RECIPES) & set(presets.PRESETS)  # no name means two things
+    assert main(["info", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in [*configs.RECIPES, *presets.PRESETS])
+    assert main(["info", "--model", "flickr-small"]) == 0  # a recipe: the model it trains
+    described = capsys.readouterr().out
+    assert described.startswith("BANGrounding") and "hidden=128" in described

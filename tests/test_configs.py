@@ -51,14 +51,14 @@ from ban.cli import main
 )
 def test_a_wrong_setting_names_the_key_and_what_it_expects(values, expected):
     with pytest.raises(configs.ConfigError) as caught:
-        configs.resolve("ban-small", overrides=values)
+        configs.resolve("vqa-small", overrides=values)
     assert str(caught.value).startswith("command line: ")
     assert expected in str(caught.value)
 
 
 def test_values_are_coerced_only_where_unambiguous():
     config = configs.resolve(
-        "ban-small",
+        "vqa-small",
         overrides={"lr": "1e-3", "epochs": "3", "lr_decay_epochs": 2, "train_splits": "val2014"},
     )
     # YAML reads `1e-3` as a string: it is the number 0.001
@@ -69,7 +69,7 @@ def test_values_are_coerced_only_where_unambiguous():
 
 def test_a_yaml_file_with_wrong_values_is_named(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("preset: ban-small\nepochs: 3\ngrad_clip: x\nmodel_overrides: {hidden: abc}\n")
+    path.write_text("recipe: vqa-small\nepochs: 3\ngrad_clip: x\nmodel_overrides: {hidden: abc}\n")
     with pytest.raises(configs.ConfigError) as caught:
         configs.resolve(None, path)
     lines = str(caught.value).splitlines()
@@ -88,18 +88,18 @@ def test_a_yaml_file_with_wrong_values_is_named(tmp_path):
 
 
 def test_presets_layers_and_round_trip(tmp_path):
-    for name in configs.PRESETS:
-        config = configs.preset(name)
-        assert config == configs.PRESETS[name] and config is not configs.PRESETS[name]
+    for name in configs.RECIPES:
+        config = configs.recipe(name)
+        assert config == configs.RECIPES[name] and config is not configs.RECIPES[name]
         configs.save_yaml(config, tmp_path / f"{name}.yaml")
         assert configs.from_yaml(tmp_path / f"{name}.yaml") == config
         assert yaml.safe_load((tmp_path / f"{name}.yaml").read_text()) == config.to_dict()
     # a preset's copy is independent: changing its lists leaves the preset as it was
-    copy = configs.preset("ban-flickr-small")
+    copy = configs.recipe("flickr-small")
     copy.lr_decay_epochs.append(99)
     copy.model_overrides["hidden"] = 1
-    assert configs.PRESETS["ban-flickr-small"].lr_decay_epochs[-1] != 99
-    assert configs.PRESETS["ban-flickr-small"].model_overrides["hidden"] == 128
+    assert configs.RECIPES["flickr-small"].lr_decay_epochs[-1] != 99
+    assert configs.RECIPES["flickr-small"].model_overrides["hidden"] == 128
     config = configs.override(copy, {"model.glimpses": 2, "seed": 7})
     assert config.model_overrides == {"embedding_dim": 64, "hidden": 1, "glimpses": 2}
     assert config.seed == 7 and copy.seed == 1204
@@ -107,7 +107,7 @@ def test_presets_layers_and_round_trip(tmp_path):
 
 
 def test_assignment_is_validated_and_fields_are_kept():
-    config = configs.preset("ban-small")
+    config = configs.recipe("vqa-small")
     with pytest.raises(ValueError, match="lr"):
         config.lr = "fast"
     assert set(config.to_dict()) == set(configs.TrainConfig.model_fields)

@@ -47,7 +47,7 @@ def tiny_data(tmp_path_factory):
 def tiny_config(data, **overrides):
     values = {"data": str(data), "epochs": 2, "batch_size": 16, "log_every": 1, **TINY_MODEL}
     values.update(overrides)
-    return configs.resolve("ban-small", overrides=values)
+    return configs.resolve("vqa-small", overrides=values)
 
 
 def weights(path):
@@ -65,7 +65,7 @@ def assert_same_weights(a, b):
 
 
 def test_paper_schedule_epoch_by_epoch():
-    config = configs.preset("ban-8-vqa")  # train2014 -> val2014: base 1e-3
+    config = configs.recipe("vqa-paper")  # train2014 -> val2014: base 1e-3
     assert (config.epochs, config.batch_size, config.grad_clip, config.seed) == (
         13,
         256,
@@ -90,7 +90,7 @@ def test_config_layers_and_errors(tmp_path):
     config = configs.resolve(None, path, {"lr": 5e-4, "model.hidden": 64})
     assert (config.model, config.epochs, config.lr) == ("ban-8-vqa", 3, 5e-4)
     assert config.model_overrides == {"glimpses": 4, "hidden": 64}
-    with pytest.raises(ValueError, match="unknown training preset"):
+    with pytest.raises(ValueError, match="unknown training recipe"):
         configs.resolve("ban-huge")
     with pytest.raises(ValueError, match="unknown training setting 'lrate'"):
         configs.resolve(None, None, {"lrate": 1})

@@ -153,7 +153,7 @@ def test_prepared_directory_counts(prepared):
 
 def test_last_batch_of_one_and_predictions(prepared):
     config = configs.override(
-        configs.preset("ban-flickr-small"), {"model.hidden": 16, "model.embedding_dim": 8}
+        configs.recipe("flickr-small"), {"model.hidden": 16, "model.embedding_dim": 8}
     )
     model = grounding.build_model(config, prepared)
     report, rows = grounding.evaluate(model, prepared, "test", batch_size=1)  # 2 captions
@@ -208,7 +208,7 @@ def _tiny_grounding(prepared, **overrides):
         "model.embedding_dim": 8,
         **overrides,
     }
-    return configs.resolve("ban-flickr-small", overrides=values)
+    return configs.resolve("flickr-small", overrides=values)
 
 
 def test_interrupted_and_resumed_grounding_run_is_exact(prepared, tmp_path):

@@ -361,7 +361,7 @@ def test_metric_change_script_rescores_a_run(tmp_path, capsys):
     data = prepare(raw, tmp_path / "data", min_answer_count=2, progress=False)
     run = tmp_path / "run"
     run.mkdir()
-    config = configs.override(configs.preset("ban-small"), {"data": str(data)})
+    config = configs.override(configs.recipe("vqa-small"), {"data": str(data)})
     configs.save_yaml(config, run / "config.yaml")
     annotations = load_prepared(data, "val2014").annotations()
     # "two" everywhere: the "how many" questions (2 x3, two x5, 3 x2) score 1.0 officially but

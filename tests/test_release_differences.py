@@ -26,7 +26,7 @@ def release_lrs(base, epochs):
 
 @pytest.mark.parametrize("eval_split", ["val2014", None])
 def test_paper_preset_decays_at_every_second_epoch_from_10(eval_split):
-    config = configs.override(configs.preset("ban-8-vqa"), {"eval_split": eval_split})
+    config = configs.override(configs.recipe("vqa-paper"), {"eval_split": eval_split})
     base = 1e-3 if eval_split else 7e-4
     for epochs in (13, 20, 25):  # past 13 epochs too: 14, 16 and 18 decay as well
         ours = [configs.lr_at(config, e) for e in range(epochs)]

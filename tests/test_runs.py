@@ -76,7 +76,7 @@ def test_a_failed_start_leaves_no_run_directory(tmp_path):
     config = engine.resume_config  # noqa: F841 (the module is importable without data)
     from ban import configs
 
-    bad = configs.resolve("ban-small", overrides={"data": str(tmp_path / "missing")})
+    bad = configs.resolve("vqa-small", overrides={"data": str(tmp_path / "missing")})
     with pytest.raises(FileNotFoundError, match="does not exist"):
         engine.train(bad, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
