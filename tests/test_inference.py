@@ -176,3 +176,18 @@ def test_precision_flag_end_to_end(run, tmp_path, capsys):
     assert "invalid choice: 'fp16'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown precision 'half'"):
         Predictor.from_checkpoint(run_dir / "last.safetensors", data=data, precision="half")
+
+
+def test_benchmark_script_writes_its_table(tmp_path):
+    from tests.benchmark_scripts import load
+
+    out = tmp_path / "modes.txt"
+    load("inference_modes").main(["--quick", "--threads", "1", "--out", str(out)])
+    text = out.read_text()
+    assert "CPU: " in text and "auto picks " in text and "load average" in text
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ")]
+    modes = [row[0].strip() for row in rows if row[1].strip() == "1"]
+    assert modes == ["model", "fp32", "bf16", "int8"]  # the default size, one thread
+    for row in rows[-4:]:
+        assert float(row[3]) > 0 and float(row[5]) > 0  # median ms, CPU ms
+    assert float(rows[-3][7]) == 0.0  # fp32 folded: the same logits as the model
