@@ -90,6 +90,7 @@ def test_weights_are_kept_in_the_inference_dtype():
     assert int8.classifier.output.__module__.startswith("torch.ao.nn.quantized.dynamic")
     assert int8.question_encoder.__module__.startswith("torch.ao.nn.quantized.dynamic")
     assert int8.classifier.output.weight().dtype == torch.qint8
+    assert int8.classifier.output.weight().qscheme() == torch.per_channel_affine
     assert next(model.parameters()).dtype == torch.float32  # the model is not converted
 
 
