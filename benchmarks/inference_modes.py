@@ -10,6 +10,7 @@ and for each precision of `ban.inference.inference_model` (fp32 folded, bf16, in
   random weights): batch-1 latency, median and p90 over `--calls` calls after warm-up, wall-clock
   and the process's CPU time per call, with 2 threads and with 1; throughput at batch 64 (2
   threads); the largest |logit - fp32 logit| on those inputs;
+- with `--torchao` (`pip install torchao`): torchao's int8 configurations at batch 1 against ours;
 - at the default size (`ban-small`, random weights): batch-1 latency (what `auto` decides by);
 - with `--checkpoint` (a trained default model): the official VQA accuracy on the built-in
   benchmark's val2014 in each precision, its change from fp32, the share of questions answered as
@@ -143,6 +144,44 @@ def speed_table(name: str, model, args, lines: list[str], batch64: bool) -> None
         print(lines[-1], flush=True)
 
 
+def torchao_table(model, args, lines: list[str]) -> None:
+    """torchao's int8 configurations (the successor torch.ao.quantization names), eager, against
+    ours: batch-1 latency with one thread."""
+    import warnings
+
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        quantize_,
+    )
+
+    from ban.inference import fold_weight_norm
+
+    torch.set_num_threads(1)
+    lines.append(f"\n## Paper size: torchao's int8 against ours, batch 1, 1 thread ({load()})\n")
+    lines.append("| int8 method | calls | median ms | CPU ms/call (median) | max abs logit diff |")
+    lines.append("| --- | ---: | ---: | ---: | ---: |")
+    one = inputs(model.config, 1)
+    methods = {"ours (torch.ao quantize_dynamic)": inference_model(model, "int8")}
+    for name, config in (
+        ("torchao Int8DynamicActivationInt8WeightConfig", Int8DynamicActivationInt8WeightConfig()),
+        ("torchao Int8WeightOnlyConfig", Int8WeightOnlyConfig()),
+    ):
+        folded = fold_weight_norm(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_(folded, config)
+        methods[name] = folded
+    for name, m in methods.items():
+        wall, cpu = timings(lambda m=m: m(*one), min(args.calls, 20), args.seconds)
+        diff = logit_difference(m, model, *one)
+        lines.append(
+            f"| {name} | {len(wall)} | {statistics.median(wall):.1f} | "
+            f"{statistics.median(cpu):.1f} | {diff:.4f} |"
+        )
+        print(lines[-1], flush=True)
+
+
 def accuracy_table(checkpoint: str, lines: list[str], threads: int) -> None:
     torch.set_num_threads(threads)
     path, run_config = engine.resolve_checkpoint(checkpoint)
@@ -187,6 +226,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-calls", type=int, default=10, help="batch-64 calls per mode")
     parser.add_argument("--seconds", type=float, default=30, help="time budget per measurement")
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    parser.add_argument("--torchao", action="store_true", help="also torchao's int8 (installed)")
     parser.add_argument("--quick", action="store_true", help="5 calls, default size only")
     parser.add_argument(
         "--out", default=str(Path(__file__).parent / "results/inference_modes_cpu.txt")
@@ -216,6 +256,8 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     if not args.quick:
         speed_table("Paper size (BAN-8, H 1280, 36 x 2048, 14 tokens)", big, args, lines, True)
+    if args.torchao:
+        torchao_table(big, args, lines)
     del big
     torch.manual_seed(0)
     small = ban.BAN(ban.preset("ban-small"))
