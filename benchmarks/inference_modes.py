@@ -25,6 +25,7 @@ the steadier figure.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -189,6 +190,20 @@ def accuracy_table(checkpoint: str, lines: list[str], threads: int) -> None:
     data = engine.resolve_data(run_config.data if run_config else None)
     lines.append(f"\n## Accuracy: {path} on {data.name} val2014, {threads} threads ({load()})\n")
     lines.append(
+        f"checkpoint written {time.strftime('%H:%M:%S', time.gmtime(path.stat().st_mtime))}"
+    )
+    metrics = path.parent / "metrics.jsonl"
+    if metrics.is_file() and run_config is not None:
+        epochs = [row for row in map(json.loads, metrics.read_text().splitlines())
+                  if row.get("kind") == "epoch"]  # fmt: skip
+        if epochs:
+            last = epochs[-1]
+            lines.append(
+                f"its run: {len(epochs)} of {run_config.epochs} epochs done, the last with "
+                f"eval score {last.get('eval_score', float('nan')):.2f} (training's approximation)"
+            )
+    lines.append("")
+    lines.append(
         "| mode | official accuracy % | change (points) | same answer as fp32 % "
         "| max abs logit diff | seconds |"
     )
@@ -238,7 +253,7 @@ def main(argv=None) -> None:
     flags = cpu_flags()
     shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
     missing = [f for f in ("avx512_bf16", "amx_bf16") if f not in flags]
-    big = ban.BAN(ban.preset("ban-8-vqa"))
+    big = ban.BAN(ban.preset("ban-8-vqa")).eval()
     small_size = ban.count_parameters(ban.BAN(ban.preset("ban-small")))
     auto = [choose_precision("cpu", parameters=n) for n in (ban.count_parameters(big), small_size)]
     lines = [
@@ -260,7 +275,7 @@ def main(argv=None) -> None:
         torchao_table(big, args, lines)
     del big
     torch.manual_seed(0)
-    small = ban.BAN(ban.preset("ban-small"))
+    small = ban.BAN(ban.preset("ban-small")).eval()
     speed_table("Default size (ban-small, H 128)", small, args, lines, False)
     if args.checkpoint:
         accuracy_table(args.checkpoint, lines, args.threads[0])
