@@ -131,6 +131,13 @@ class InferenceModel(nn.Module):
         self.vocabulary = getattr(model, "vocabulary", None)
         self.answers = getattr(model, "answers", None)
         self.notes = getattr(model, "notes", {})
+        self.eval()
+
+    def train(self, mode: bool = True) -> InferenceModel:
+        """Eval mode only: the copy is frozen (its dropout must stay off)."""
+        if mode:
+            raise ValueError("an inference copy cannot be put in training mode; train the model")
+        return super().train(False)
 
     def forward(self, *args, **kwargs):
         args = [self._cast(a) for a in args]

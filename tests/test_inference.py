@@ -131,6 +131,11 @@ def test_unknown_precision_and_int8_off_the_cpu_are_clear_errors():
         inference_model(model, "fp16")
     with pytest.raises(ValueError, match="'int8' runs on the CPU only"):
         inference_model(model, "int8", device="cuda")
+    fast = inference_model(model, "fp32")
+    assert not fast.training and not fast.model.training
+    with pytest.raises(ValueError, match="cannot be put in training mode"):
+        fast.train()
+    assert not fast.eval().model.training
 
 
 @pytest.fixture(scope="module")
