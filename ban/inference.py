@@ -17,8 +17,8 @@ size), so they are kept in the inference dtype once rather than converted on eve
 - `auto`: what `choose_precision` picks for the device and the CPU.
 
 In every precision the counting module computes in fp32 with fp32 weights (`Counter.count`: in
-bf16 its piecewise-linear maps would keep a few bits), the embeddings and the attention's glimpse
-vectors (`h_mat`, 8 x 3840) stay unquantised, and the outputs are returned in fp32.
+bf16 its piecewise-linear maps would keep a few bits) and the outputs are returned in fp32; int8
+leaves the embeddings and the attention's glimpse vectors (`h_mat`, 8 x 3840) in fp32.
 """
 
 from __future__ import annotations
