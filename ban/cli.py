@@ -259,7 +259,8 @@ def _run_evaluate(args) -> int:
         from ban.predict import Predictor
 
         gallery = out / "gallery"
-        predictor = Predictor(model, data=data, device=device)
+        # fp32: the gallery shows the answers of predictions.jsonl
+        predictor = Predictor(model, data=data, device=device, precision="fp32")
         entries = vqa.open_split(data, args.split).entries
         paths = viz.gallery(predictor, rows, entries, gallery, args.gallery)
         if "official" in report:
@@ -329,6 +330,7 @@ def _add_predict(commands) -> None:
     p.add_argument("--device", help="cpu, cuda, ... (default: cpu)", default="cpu")
     p.add_argument("--dictionary", help="release checkpoints: the release's dictionary.pkl")
     p.add_argument("--label2ans", help="release checkpoints: trainval_label2ans.pkl")
+    _add_precision(p)
     p.set_defaults(func=_run_predict)
 
 
@@ -362,7 +364,12 @@ def _run_predict(args) -> int:
 
     args.question = _question(args.question)
     predictor = Predictor.from_checkpoint(
-        args.checkpoint, args.data, args.device, args.dictionary, args.label2ans
+        args.checkpoint,
+        args.data,
+        args.device,
+        args.dictionary,
+        args.label2ans,
+        precision=args.precision,
     )
     image_id = args.image_id if args.image is None else predictor.add_picture(args.image)
     result = predictor(args.question, image_id, top_k=args.top_k, top_boxes=args.boxes)
@@ -399,6 +406,7 @@ def _add_visualize(commands) -> None:
         "--boxes", type=_positive, default=3, help="most attended boxes to draw per glimpse"
     )
     p.add_argument("--device", default="cpu")
+    _add_precision(p)
     p.set_defaults(func=_run_visualize)
 
 
@@ -408,12 +416,24 @@ def _run_visualize(args) -> int:
     from ban.predict import Predictor
 
     args.question = _question(args.question)
-    predictor = Predictor.from_checkpoint(args.checkpoint, args.data, args.device)
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, args.data, args.device, precision=args.precision
+    )
     images = viz.ImageFolder.for_data(predictor.data_dir, args.images)
     picture = viz.visualize(predictor, args.question, args.image_id, images, args.boxes)
     atomic_write(args.out, lambda tmp: picture.save(tmp, format="PNG"))
     print(f"wrote {args.out} ({picture.width} x {picture.height})")
     return 0
+
+
+def _add_precision(p) -> None:
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "int8"),  # ban.inference.PRECISIONS
+        default="auto",
+        help="the dtype the model answers in (default auto: bf16 on CPUs with bf16 arithmetic, "
+        "else int8; fp32 for small models; docs/performance.md)",
+    )
 
 
 def _add_serve(commands) -> None:

@@ -4,6 +4,10 @@ predictor = Predictor.from_checkpoint("runs/x/best.safetensors", data="DATA")
 result = predictor("how many cubes are there?", image_id=42)
 result.answers        # [("2", 0.93), ("3", 0.05), ...]   top-k answers, sigmoid scores
 result.boxes[g]       # the most attended boxes of glimpse g: index, x1 y1 x2 y2, weight
+
+The model is answered with through a frozen inference copy (`ban.inference`) in `precision`:
+'fp32', 'bf16', 'int8', or 'auto' (the default: bf16 or int8 where the CPU runs it fastest, fp32
+for small models; `ban.inference.choose_precision`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch import nn
 
 from ban.checkpoint import load_any
 from ban.engine.runs import resolve_checkpoint
+from ban.inference import inference_model
 from ban.tasks.vqa import resolve_data
 from ban.text import MAX_LENGTH, UNK, Dictionary, tokenize
 
@@ -85,16 +90,22 @@ class Prediction:
 
 
 class Predictor:
-    """A model plus the question dictionary and region features of one prepared directory."""
+    """A model plus the question dictionary and region features of one prepared directory.
+
+    `precision` ('auto', 'fp32', 'bf16', 'int8') is the dtype the model's copy is kept and run
+    in (`ban.inference.inference_model`); `self.precision` is the one chosen.
+    """
 
     def __init__(
         self,
         model: nn.Module,
         data: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
+        precision: str = "auto",
     ) -> None:
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model = inference_model(model, precision, self.device)
+        self.precision = self.model.precision
         self.data_dir = resolve_data(data)
         words = model.vocabulary
         if words is None:
@@ -127,13 +138,16 @@ class Predictor:
         device: str | torch.device = "cpu",
         dictionary: str | os.PathLike | None = None,
         label2ans: str | os.PathLike | None = None,
+        precision: str = "auto",
     ) -> Predictor:
         """Load a run directory (its best checkpoint, on the run's data unless `data` is given),
         this project's checkpoint, or one of the original release (through `ban.load_official`,
-        with its `dictionary.pkl` / `trainval_label2ans.pkl` when given)."""
+        with its `dictionary.pkl` / `trainval_label2ans.pkl` when given), for inference in
+        `precision` (`ban.inference`)."""
         checkpoint, run_config = resolve_checkpoint(path)
         model = load_any(checkpoint, device, dictionary=dictionary, label2ans=label2ans)
-        return cls(model, data=data or (run_config.data if run_config else None), device=device)
+        data = data or (run_config.data if run_config else None)
+        return cls(model, data=data, device=device, precision=precision)
 
     def add_picture(self, picture, image_id: int | None = None) -> int:
         """Featurise a new picture (a path or a PIL image) as the data's features were made
