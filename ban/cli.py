@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 
@@ -378,14 +379,25 @@ def _add_serve(commands) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no request log")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds for a request's headers, and its body, to arrive")  # fmt: skip
     p.set_defaults(func=_run_serve)
 
 
 def _run_serve(args) -> int:
     from ban import serve
 
+    if not args.read_timeout > 0:
+        raise ValueError(f"--read-timeout: expected seconds above 0, got {args.read_timeout}")
+    try:
+        sock = serve.bind(args.host, args.port)  # before the model loads: fail fast
+    except OSError as error:
+        reason = "the port is in use" if error.errno == errno.EADDRINUSE else error.strerror
+        print(f"ban: error: cannot listen on {args.host}:{args.port}: {reason} (choose another "
+              "with --port)", file=sys.stderr)  # fmt: skip
+        return 2
     app = serve.load_app(args.checkpoint, args.data, args.images, args.device)
-    server = serve.make_server(app, args.host, args.port, quiet=args.quiet)
+    server = serve.make_server(app, quiet=args.quiet, read_timeout=args.read_timeout, sock=sock)
     host, port = server.server_address[:2]
     print(f"serving {len(app.image_ids)} images on http://{host}:{port}/ (Ctrl-C stops)")
     try:
