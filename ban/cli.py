@@ -381,6 +381,10 @@ def _add_serve(commands) -> None:
     p.add_argument("--quiet", action="store_true", help="no request log")
     p.add_argument("--read-timeout", type=float, default=30.0,
                    help="seconds for a request's headers, and its body, to arrive")  # fmt: skip
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="questions answered in one forward (1: one at a time)")  # fmt: skip
+    p.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="how long a forward may wait for more questions (0: none)")  # fmt: skip
     p.set_defaults(func=_run_serve)
 
 
@@ -396,7 +400,10 @@ def _run_serve(args) -> int:
         print(f"ban: error: cannot listen on {args.host}:{args.port}: {reason} (choose another "
               "with --port)", file=sys.stderr)  # fmt: skip
         return 2
-    app = serve.load_app(args.checkpoint, args.data, args.images, args.device)
+    if args.max_batch < 1 or args.max_wait_ms < 0:
+        raise ValueError("--max-batch must be at least 1 and --max-wait-ms at least 0")
+    app = serve.load_app(args.checkpoint, args.data, args.images, args.device,
+                         args.max_batch, args.max_wait_ms / 1000)  # fmt: skip
     server = serve.make_server(app, quiet=args.quiet, read_timeout=args.read_timeout, sock=sock)
     host, port = server.server_address[:2]
     print(f"serving {len(app.image_ids)} images on http://{host}:{port}/ (Ctrl-C stops)")

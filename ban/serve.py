@@ -10,14 +10,16 @@ POST /api/answer             {"image_id": int, "question": str, "top_k"?: int, "
 POST /api/pictures           raw image bytes (Content-Type image/...) -> {"image_id", "url", ...}
 GET  /openapi.json           the API description, generated from the pydantic models below
 
-The model is loaded once; a lock queues the requests to it (the model runs one question at a time,
-a thread pool does so beside the event loop). Every error is a JSON `{"error": "..."}`. Bodies are
-read by `RequestLimits` before any route sees them: bounded in size (413) and in time (408), as
-are the request's headers (`ReadTimeoutProtocol`), so a stalled client cannot hold a connection.
-Nothing from a request reaches the file system: image ids must be integers of the feature files,
-and pictures are found from the id by `ban.viz.ImageFolder`. Uploaded pictures are decoded and
-featurised in memory (`Predictor.add_picture`, with the backbone that made the data's features)
-and kept in memory, the last `MAX_UPLOADS` of them.
+The model is loaded once and runs on its own thread (`Batcher`): the questions that arrive while
+it is busy are answered together in its next forward pass (at most `MAX_BATCH`), so throughput
+rises with the number of clients while a lone question is answered at once. Every error is a
+JSON `{"error": "..."}`. Bodies are read by `RequestLimits` before any route sees them, bounded
+in size (413) and in time (408), as are the request's headers (`ReadTimeoutProtocol`), so a
+stalled client cannot hold a connection. Nothing from a request reaches the file system: image
+ids must be integers of the feature files, and pictures are found from the id by
+`ban.viz.ImageFolder`. Uploaded pictures are decoded and featurised in memory
+(`Predictor.add_picture`, with the backbone that made the data's features) and kept in memory,
+the last `MAX_UPLOADS` of them.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import queue
 import re
 import socket
 import threading
+import time
 import warnings
 from collections import OrderedDict
+from concurrent.futures import Future
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -58,6 +63,7 @@ MAX_UPLOAD = 8 * 1024 * 1024  # bytes of an uploaded picture
 MAX_UPLOAD_PIXELS = 40_000_000  # width x height of an uploaded picture, before it is decoded
 MAX_UPLOAD_SIDE = 1280  # longer side, in pixels, an upload is scaled down to (boxes are in these)
 MAX_UPLOADS = 64  # uploaded pictures kept in memory; the oldest is forgotten
+MAX_BATCH = 16  # questions answered together in one forward pass
 READ_TIMEOUT = 30.0  # seconds for a request's headers, and again for its body, to arrive
 MAX_HEADER = 16 * 1024  # bytes of a request line and headers
 _ID = re.compile(r"-?[0-9]{1,15}")
@@ -174,7 +180,13 @@ class Error(BaseModel):
 class App:
     """The model, the dataset's image ids and pictures; `answer` is safe to call from threads."""
 
-    def __init__(self, predictor: Predictor, images: ImageFolder | None = None) -> None:
+    def __init__(
+        self,
+        predictor: Predictor,
+        images: ImageFolder | None = None,
+        max_batch: int = MAX_BATCH,
+        max_wait: float = 0.0,
+    ) -> None:
         from ban.data.features import FeatureStore
 
         self.predictor = predictor
@@ -191,15 +203,17 @@ class App:
         self.uploads: OrderedDict[int, bytes] = OrderedDict()  # id (< 0) -> PNG, oldest first
         self._next_upload = -1
         self.upload_refusal = _upload_refusal(predictor.data_dir)
+        self.batcher = Batcher(self._answer_batch, max_batch, max_wait)
 
     def is_upload(self, image_id: int) -> bool:
         return image_id < 0 and image_id not in self._known
 
     def check_image(self, image_id: int) -> int:
+        # The event loop calls this: it reads `uploads` without the lock, which the model holds
+        # for a whole forward (a dict lookup is atomic; the batcher checks again under the lock).
         if self.is_upload(image_id):
-            with self._lock:
-                if image_id in self.uploads:
-                    return image_id
+            if image_id in self.uploads:
+                return image_id
             raise ApiError(
                 404,
                 f"unknown image: no uploaded picture {image_id} (the last {MAX_UPLOADS} are kept)",
@@ -211,8 +225,7 @@ class App:
     def picture_png(self, image_id: int) -> bytes:
         """The PNG of a checked id: an upload's from memory, else the dataset's (cached)."""
         if self.is_upload(image_id):
-            with self._lock:
-                png = self.uploads.get(image_id)
+            png = self.uploads.get(image_id)
             if png is None:
                 raise ApiError(404, f"unknown image: no uploaded picture {image_id}")
             return png
@@ -259,15 +272,42 @@ class App:
             "regions": regions,
         }
 
+    def submit(self, question: Question) -> Future:
+        """Queue a question for the model: a future of its answer (a dict of `Answer`)."""
+        self.check_image(question.image_id)
+        return self.batcher.submit(question)
+
     def answer(self, question: Question) -> dict:
-        image_id = self.check_image(question.image_id)
+        return self.submit(question).result()
+
+    def _answer_batch(self, questions: list[Question]) -> list[dict | Exception]:
+        """Answers of the batcher's questions, in one forward (an error for each that fails)."""
         with self._lock:
-            if self.is_upload(image_id) and image_id not in self.uploads:
-                raise ApiError(404, f"unknown image: no uploaded picture {image_id}")  # forgotten
-            result = self.predictor(
-                question.question, image_id, top_k=question.top_k, top_boxes=question.boxes
-            )
-        return self._answer_dict(result)
+            out: list[dict | Exception | None] = [None] * len(questions)
+            ready = []
+            for k, q in enumerate(questions):
+                if self.is_upload(q.image_id) and q.image_id not in self.uploads:  # forgotten
+                    out[k] = ApiError(404, f"unknown image: no uploaded picture {q.image_id}")
+                else:
+                    ready.append(k)
+            try:
+                results = self.predictor.answer_batch(
+                    [questions[k].question for k in ready],
+                    [questions[k].image_id for k in ready],
+                    [questions[k].top_k for k in ready],
+                    [questions[k].boxes for k in ready],
+                )
+            except Exception:  # one at a time, so that only the question at fault fails
+                results = []
+                for k in ready:
+                    q = questions[k]
+                    try:
+                        results.append(self.predictor(q.question, q.image_id, q.top_k, q.boxes))
+                    except Exception as error:
+                        results.append(error)
+        for k, result in zip(ready, results, strict=True):
+            out[k] = result if isinstance(result, Exception) else self._answer_dict(result)
+        return out
 
     @staticmethod
     def _answer_dict(result) -> dict:
@@ -285,6 +325,64 @@ class App:
             "images": [{"image_id": i, "url": f"/api/images/{i}.png"} for i in page],
             "uploads": self.uploads_info(),
         }
+
+
+class Batcher:
+    """Runs `answer(list of questions) -> list of answers or exceptions` on one thread, in
+    batches: the questions that arrived while the model was busy go together into its next
+    forward, at most `max_batch` of them (1: one question at a time). A lone question is answered
+    at once; with `max_wait` seconds above 0 a forward also waits up to that long for more
+    questions, until the batch is full."""
+
+    def __init__(self, answer, max_batch: int = MAX_BATCH, max_wait: float = 0.0) -> None:
+        if max_batch < 1 or max_wait < 0:
+            raise ValueError(
+                f"max_batch must be >= 1 and max_wait >= 0, got {max_batch}, {max_wait}"
+            )
+        self.answer, self.max_batch, self.max_wait = answer, max_batch, max_wait
+        self.batches = self.questions = 0  # forwards run and questions answered
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="ban-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, item) -> Future:
+        future: Future = Future()
+        self._queue.put((item, future))
+        return future
+
+    def close(self) -> None:
+        """Stop the thread once the queued questions are answered."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (first := self._queue.get()) is not None:
+            batch, deadline, stop = [first], time.monotonic() + self.max_wait, False
+            while len(batch) < self.max_batch:
+                wait = deadline - time.monotonic()
+                try:
+                    item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            batch = [(q, f) for q, f in batch if f.set_running_or_notify_cancel()]  # gone: skip
+            if batch:
+                try:
+                    answers = self.answer([q for q, _ in batch])
+                except Exception as error:
+                    answers = [error] * len(batch)
+                self.batches += 1
+                self.questions += len(batch)
+                for (_, future), answer in zip(batch, answers, strict=True):
+                    if isinstance(answer, Exception):
+                        future.set_exception(answer)
+                    else:
+                        future.set_result(answer)
+            if stop:
+                return
 
 
 def _upload_refusal(data_dir: Path) -> str | None:
@@ -480,7 +578,7 @@ def create_app(app: App) -> FastAPI:
             question = Question.model_validate_json(await request.body())
         except ValidationError as error:
             raise ApiError(*_validation_message(error.errors(include_input=False))) from None
-        return Answer(**await run_in_threadpool(app.answer, question))
+        return Answer(**await asyncio.wrap_future(app.submit(question)))
 
     @api.post(
         "/api/pictures",
@@ -737,8 +835,11 @@ def load_app(
     data: str | Path | None = None,
     images: str | Path | None = None,
     device: str = "cpu",
+    max_batch: int = MAX_BATCH,
+    max_wait: float = 0.0,
 ) -> App:
-    """Load the model once: a checkpoint file or run directory, on the run's data by default."""
+    """Load the model once: a checkpoint file or run directory, on the run's data by default;
+    `max_batch`, `max_wait`: see `Batcher`."""
     from ban import engine
 
     path, run_config = engine.resolve_checkpoint(checkpoint)
@@ -746,4 +847,4 @@ def load_app(
     predictor = Predictor(
         model, data=data or (run_config.data if run_config else None), device=device
     )
-    return App(predictor, ImageFolder.for_data(predictor.data_dir, images))
+    return App(predictor, ImageFolder.for_data(predictor.data_dir, images), max_batch, max_wait)

@@ -1,16 +1,18 @@
 """A bounded load test of `ban serve` on loopback: requests/s and p50/p99 latency, no errors.
 
-    python benchmarks/serve_load.py RUN_DIR [--data DATA] [--requests 2000] [--concurrency 16]
+    python benchmarks/serve_load.py RUN_DIR [--data DATA] [--requests 2000] [--concurrency 1,4,16]
     python benchmarks/serve_load.py --paper             # BAN-8 at the paper's size, random weights
 
-Starts the server in this process (127.0.0.1, a free port), then sends POST /api/answer from
-`--concurrency` threads of a separate client process (so that the client does not share the
-server's interpreter lock), each on its own keep-alive connection, cycling over the split's
-questions; a comma-separated `--concurrency` runs each level in turn. Before each level it sends
-a burst of bad requests (malformed JSON, unknown image, wrong method, oversized body, ...) and
-checks each gets its documented status, so the figures also show that the server serves after
-them. Prints the machine (CPU model, load average) and the process's CPU time. Exits 1 if any
-request fails.
+Serves the model in this process (127.0.0.1, a free port) twice over, one question per forward
+pass (`--max-batch 1`, as before batching) and batched (`Batcher`: what queued while the model
+was busy goes into its next forward), and sends POST /api/answer from `--concurrency` threads of
+a separate client process (so that the client does not share the server's interpreter lock),
+each on its own keep-alive connection, cycling over the split's questions; each level of a
+comma-separated `--concurrency` runs each server in turn. Before each run it sends a burst of bad
+requests (malformed and too-deep JSON, unknown image, path traversal, wrong method, oversized
+body, wrong Content-Type) and checks each gets its documented status, so the figures also show
+that the server serves after them. Prints the machine (CPU model, load average), the server
+process's CPU time and the mean questions per forward. Exits 1 if any request fails.
 
 `--paper` serves `ban.BAN(ban.preset("ban-8-vqa"))` with random weights over a temporary data
 directory of `--images` images of 36 x 2048 random features (speed only: the answers mean
@@ -116,12 +118,13 @@ def paper_app(root: Path, images: int):
     import ban
     from ban.data.features import Region, convert_features
     from ban.predict import Predictor
+    from ban.text import UNK, Dictionary
 
     config = ban.preset("ban-8-vqa")
     torch.manual_seed(0)
     model = ban.BAN(config).eval()
     model.vocabulary = [f"w{i}" for i in range(config.vocab_size)]
-    model.vocabulary[:8] = ["what", "is", "the", "color", "how", "many", "there", "are"]
+    model.vocabulary[:9] = ["what", "is", "the", "color", "how", "many", "there", "are", UNK]
     model.answers = [f"a{i}" for i in range(config.num_answers)]
     rng = np.random.default_rng(0)
     regions = []
@@ -141,6 +144,9 @@ def paper_app(root: Path, images: int):
         for k in range(2 * images):
             out.write(json.dumps({"image_id": 1 + k % images, "question": questions[k % 4]}))
             out.write("\n")
+    (root / "manifest.json").write_text("{}")
+    Dictionary(model.vocabulary).save(root / "dictionary.json")
+    (root / "answers.json").write_text(json.dumps(model.answers))
     return serve.App(Predictor(model, data=root))
 
 
@@ -154,6 +160,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000, help="per concurrency level")
     parser.add_argument("--concurrency", default="16", help="e.g. 1,4,16")
     parser.add_argument("--bad", type=int, default=20, help="bursts of bad requests per level")
+    parser.add_argument("--modes", default="one-at-a-time,batched", help="servers to compare")
+    parser.add_argument("--max-batch", type=int, default=serve.MAX_BATCH)
+    parser.add_argument("--max-wait-ms", type=float, default=0.0)
     args = parser.parse_args()
     if (args.checkpoint is None) == (not args.paper):
         parser.error("give a checkpoint or --paper")
@@ -163,39 +172,53 @@ def main() -> int:
             app = paper_app(Path(tmp), args.images)
         else:
             app = serve.load_app(args.checkpoint, args.data)
-        httpd = serve.make_server(app, "127.0.0.1", 0, quiet=True)
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        host, port = httpd.server_address[:2]
+        apps = {  # the same predictor, answering one question per forward or batches
+            "one-at-a-time": serve.App(app.predictor, app.images, max_batch=1),
+            "batched": serve.App(app.predictor, app.images, args.max_batch, args.max_wait_ms / 1e3),
+        }
+        modes = [m for m in args.modes.split(",") if m]
         split = Path(app.predictor.data_dir) / f"{args.split}.jsonl"
         entries = [json.loads(line) for line in split.read_text().splitlines()[:500]]
         bodies = [
             json.dumps({"image_id": e["image_id"], "question": e["question"]}).encode()
             for e in entries
         ]
-        print(f"machine: {machine()}")
+        torch_threads = __import__("torch").get_num_threads()
+        print(f"machine: {machine()}; torch threads {torch_threads}")
+        name = "BAN-8 paper size, random weights" if args.paper else args.checkpoint
+        print(f"model: {name}; batched: at most {args.max_batch} per forward, "
+              f"wait {args.max_wait_ms:g} ms")  # fmt: skip
         failed = 0
         context = multiprocessing.get_context("spawn")
         with context.Pool(1) as client:
             for concurrency in [int(c) for c in args.concurrency.split(",")]:
-                wrong = client.apply(send_bad, (host, port, args.bad))
-                cpu = cpu_seconds()
-                latencies, errors, elapsed = client.apply(
-                    load, (host, port, bodies, args.requests, concurrency)
-                )
-                cpu = cpu_seconds() - cpu
-                latencies.sort()
-                p50 = statistics.median(latencies) * 1000
-                p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000
-                print(
-                    f"{len(latencies)} requests, concurrency {concurrency}: "
-                    f"{len(latencies) / elapsed:.1f} requests/s, p50 {p50:.1f} ms, "
-                    f"p99 {p99:.1f} ms, {errors} errors; after {args.bad * len(BAD)} bad "
-                    f"requests ({wrong} not answered as documented); server CPU "
-                    f"{cpu:.1f} s; load average {os.getloadavg()[0]:.2f}"
-                )
-                failed += errors + wrong
-        httpd.shutdown()
-        httpd.server_close()
+                for mode in modes:
+                    batcher = apps[mode].batcher
+                    httpd = serve.make_server(apps[mode], "127.0.0.1", 0, quiet=True)
+                    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+                    host, port = httpd.server_address[:2]
+                    wrong = client.apply(send_bad, (host, port, args.bad))
+                    cpu, batches, asked = cpu_seconds(), batcher.batches, batcher.questions
+                    latencies, errors, elapsed = client.apply(
+                        load, (host, port, bodies, args.requests, concurrency)
+                    )
+                    cpu = cpu_seconds() - cpu
+                    per_batch = (batcher.questions - asked) / max(1, batcher.batches - batches)
+                    httpd.shutdown()
+                    httpd.server_close()
+                    latencies.sort()
+                    p50 = statistics.median(latencies) * 1000
+                    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000
+                    print(
+                        f"{mode:>13} concurrency {concurrency:2d}: {len(latencies)} requests, "
+                        f"{len(latencies) / elapsed:6.1f} requests/s, p50 {p50:7.1f} ms, "
+                        f"p99 {p99:7.1f} ms, {errors} errors, {per_batch:4.1f} questions per "
+                        f"forward; after {args.bad * len(BAD)} bad requests ({wrong} not answered "
+                        f"as documented); server CPU {cpu:.1f} s; load average "
+                        f"{os.getloadavg()[0]:.2f}",
+                        flush=True,
+                    )
+                    failed += errors + wrong
     return 1 if failed else 0
 
 
