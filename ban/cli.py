@@ -383,8 +383,8 @@ def _add_serve(commands) -> None:
                    help="seconds for a request's headers, and its body, to arrive")  # fmt: skip
     p.add_argument("--max-batch", type=int, default=16,
                    help="questions answered in one forward (1: one at a time)")  # fmt: skip
-    p.add_argument("--max-wait-ms", type=float, default=0.0,
-                   help="how long a forward may wait for more questions (0: none)")  # fmt: skip
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="how long a forward may wait for more questions, under load")  # fmt: skip
     p.set_defaults(func=_run_serve)
 
 

@@ -64,6 +64,7 @@ MAX_UPLOAD_PIXELS = 40_000_000  # width x height of an uploaded picture, before 
 MAX_UPLOAD_SIDE = 1280  # longer side, in pixels, an upload is scaled down to (boxes are in these)
 MAX_UPLOADS = 64  # uploaded pictures kept in memory; the oldest is forgotten
 MAX_BATCH = 16  # questions answered together in one forward pass
+MAX_WAIT = 0.01  # seconds a forward may wait for more questions, under load only
 READ_TIMEOUT = 30.0  # seconds for a request's headers, and again for its body, to arrive
 MAX_HEADER = 16 * 1024  # bytes of a request line and headers
 _ID = re.compile(r"-?[0-9]{1,15}")
@@ -185,7 +186,7 @@ class App:
         predictor: Predictor,
         images: ImageFolder | None = None,
         max_batch: int = MAX_BATCH,
-        max_wait: float = 0.0,
+        max_wait: float = MAX_WAIT,
     ) -> None:
         from ban.data.features import FeatureStore
 
@@ -330,11 +331,13 @@ class App:
 class Batcher:
     """Runs `answer(list of questions) -> list of answers or exceptions` on one thread, in
     batches: the questions that arrived while the model was busy go together into its next
-    forward, at most `max_batch` of them (1: one question at a time). A lone question is answered
-    at once; with `max_wait` seconds above 0 a forward also waits up to that long for more
-    questions, until the batch is full."""
+    forward, at most `max_batch` of them (1: one question at a time). Under load (more than one
+    question queued, or in the previous forward) a forward also waits up to `max_wait` seconds
+    for more, until the batch is full: the clients just answered are about to ask again, and
+    without the wait the batches alternate full and nearly empty. A lone question after a quiet
+    spell goes at once."""
 
-    def __init__(self, answer, max_batch: int = MAX_BATCH, max_wait: float = 0.0) -> None:
+    def __init__(self, answer, max_batch: int = MAX_BATCH, max_wait: float = MAX_WAIT) -> None:
         if max_batch < 1 or max_wait < 0:
             raise ValueError(
                 f"max_batch must be >= 1 and max_wait >= 0, got {max_batch}, {max_wait}"
@@ -356,18 +359,25 @@ class Batcher:
         self._thread.join()
 
     def _run(self) -> None:
-        while (first := self._queue.get()) is not None:
-            batch, deadline, stop = [first], time.monotonic() + self.max_wait, False
+        previous, stop = 0, False
+        while not stop and (first := self._queue.get()) is not None:
+            batch, deadline = [first], None
             while len(batch) < self.max_batch:
-                wait = deadline - time.monotonic()
                 try:
-                    item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                    if deadline is None:
+                        item = self._queue.get_nowait()  # what queued while the model was busy
+                    else:
+                        item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
                 except queue.Empty:
-                    break
+                    if deadline is not None or (len(batch) == 1 and previous <= 1):
+                        break
+                    deadline = time.monotonic() + self.max_wait  # under load: wait for more
+                    continue
                 if item is None:
                     stop = True
                     break
                 batch.append(item)
+            previous = len(batch)
             batch = [(q, f) for q, f in batch if f.set_running_or_notify_cancel()]  # gone: skip
             if batch:
                 try:
@@ -381,8 +391,6 @@ class Batcher:
                         future.set_exception(answer)
                     else:
                         future.set_result(answer)
-            if stop:
-                return
 
 
 def _upload_refusal(data_dir: Path) -> str | None:
@@ -836,7 +844,7 @@ def load_app(
     images: str | Path | None = None,
     device: str = "cpu",
     max_batch: int = MAX_BATCH,
-    max_wait: float = 0.0,
+    max_wait: float = MAX_WAIT,
 ) -> App:
     """Load the model once: a checkpoint file or run directory, on the run's data by default;
     `max_batch`, `max_wait`: see `Batcher`."""

@@ -4,7 +4,7 @@
     python benchmarks/serve_load.py --paper             # BAN-8 at the paper's size, random weights
 
 Serves the model in this process (127.0.0.1, a free port) twice over, one question per forward
-pass (`--max-batch 1`, as before batching) and batched (`Batcher`: what queued while the model
+pass (a batch bound of 1, as before batching) and batched (`Batcher`: what queued while the model
 was busy goes into its next forward), and sends POST /api/answer from `--concurrency` threads of
 a separate client process (so that the client does not share the server's interpreter lock),
 each on its own keep-alive connection, cycling over the split's questions; each level of a
@@ -157,12 +157,13 @@ def main() -> int:
     parser.add_argument("--paper", action="store_true", help="BAN-8, paper size, random weights")
     parser.add_argument("--images", type=int, default=32, help="images of --paper's data")
     parser.add_argument("--split", default="val2014", help="questions to send")
-    parser.add_argument("--requests", type=int, default=2000, help="per concurrency level")
+    parser.add_argument("--requests", default="2000",
+                        help="per run, or one per concurrency level: 400,1000,2000")  # fmt: skip
     parser.add_argument("--concurrency", default="16", help="e.g. 1,4,16")
     parser.add_argument("--bad", type=int, default=20, help="bursts of bad requests per level")
     parser.add_argument("--modes", default="one-at-a-time,batched", help="servers to compare")
     parser.add_argument("--max-batch", type=int, default=serve.MAX_BATCH)
-    parser.add_argument("--max-wait-ms", type=float, default=0.0)
+    parser.add_argument("--max-wait-ms", type=float, default=serve.MAX_WAIT * 1000)
     args = parser.parse_args()
     if (args.checkpoint is None) == (not args.paper):
         parser.error("give a checkpoint or --paper")
@@ -172,10 +173,9 @@ def main() -> int:
             app = paper_app(Path(tmp), args.images)
         else:
             app = serve.load_app(args.checkpoint, args.data)
-        apps = {  # the same predictor, answering one question per forward or batches
-            "one-at-a-time": serve.App(app.predictor, app.images, max_batch=1),
-            "batched": serve.App(app.predictor, app.images, args.max_batch, args.max_wait_ms / 1e3),
-        }
+        # One app and one model thread for both (torch's thread pools belong to the thread that
+        # calls it: a second model thread measured up to 4x slower or faster on a busy machine).
+        bounds = {"one-at-a-time": (1, 0.0), "batched": (args.max_batch, args.max_wait_ms / 1e3)}
         modes = [m for m in args.modes.split(",") if m]
         split = Path(app.predictor.data_dir) / f"{args.split}.jsonl"
         entries = [json.loads(line) for line in split.read_text().splitlines()[:500]]
@@ -191,16 +191,24 @@ def main() -> int:
         failed = 0
         context = multiprocessing.get_context("spawn")
         with context.Pool(1) as client:
-            for concurrency in [int(c) for c in args.concurrency.split(",")]:
+            levels = [int(c) for c in args.concurrency.split(",")]
+            counts = [int(n) for n in args.requests.split(",")]
+            if len(counts) not in (1, len(levels)):
+                parser.error("--requests: one count, or one per concurrency level")
+            counts = counts * len(levels) if len(counts) == 1 else counts
+            for concurrency, requests in zip(levels, counts, strict=True):
                 for mode in modes:
-                    batcher = apps[mode].batcher
-                    httpd = serve.make_server(apps[mode], "127.0.0.1", 0, quiet=True)
+                    batcher = app.batcher
+                    batcher.max_batch, batcher.max_wait = bounds[mode]
+                    httpd = serve.make_server(app, "127.0.0.1", 0, quiet=True)
                     threading.Thread(target=httpd.serve_forever, daemon=True).start()
                     host, port = httpd.server_address[:2]
+                    if concurrency == levels[0]:  # warm up: first forwards, caches
+                        client.apply(load, (host, port, bodies, 2 * args.max_batch, 4))
                     wrong = client.apply(send_bad, (host, port, args.bad))
                     cpu, batches, asked = cpu_seconds(), batcher.batches, batcher.questions
                     latencies, errors, elapsed = client.apply(
-                        load, (host, port, bodies, args.requests, concurrency)
+                        load, (host, port, bodies, requests, concurrency)
                     )
                     cpu = cpu_seconds() - cpu
                     per_batch = (batcher.questions - asked) / max(1, batcher.batches - batches)

@@ -97,13 +97,31 @@ def test_batcher_takes_what_queued_while_busy():
     batcher.close()
 
 
-def test_batcher_waits_at_most_max_wait():
-    batcher = Batcher(lambda items: [len(items)] * len(items), max_batch=8, max_wait=0.2)
+def test_batcher_waits_for_more_only_under_load():
+    gate, sizes = threading.Event(), []
+
+    def answer(items):
+        sizes.append(len(items))
+        gate.wait(10)
+        return items
+
+    batcher = Batcher(answer, max_batch=5, max_wait=2.0)
+    gate.set()
     start = time.perf_counter()
-    assert batcher.submit("x").result(10) == 1  # alone: waited for company, then went
-    assert 0.15 < time.perf_counter() - start < 5
-    futures = [batcher.submit(k) for k in range(8)]
-    assert [f.result(10) for f in futures] == [8] * 8  # a full batch does not wait
+    assert batcher.submit("alone").result(10) == "alone"
+    assert time.perf_counter() - start < 1.5  # a lone question after a quiet spell goes at once
+    gate.clear()
+    busy = batcher.submit(0)
+    while len(sizes) < 2:  # the model is busy with question 0
+        time.sleep(0.01)
+    futures = [batcher.submit(k) for k in (1, 2, 3)]
+    gate.set()
+    time.sleep(0.3)  # the three queued meanwhile wait (at most 2 s) for more
+    start = time.perf_counter()
+    futures += [batcher.submit(k) for k in (4, 5)]
+    assert [f.result(10) for f in [busy, *futures]] == [0, 1, 2, 3, 4, 5]
+    assert time.perf_counter() - start < 1.5  # a full batch goes without waiting out the 2 s
+    assert sizes == [1, 1, 5]
     batcher.close()
     with pytest.raises(ValueError, match="max_batch"):
         Batcher(lambda items: items, max_batch=0)
