@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 
@@ -104,7 +105,7 @@ def _add_train(commands) -> None:
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--amp", choices=["bf16", "fp16"], help="mixed-precision autocast")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    _add_device(p)
     p.add_argument("--num-workers", type=int, help="DataLoader worker processes")
     p.add_argument(
         "--set",
@@ -201,7 +202,7 @@ def _add_evaluate(commands) -> None:
     p.add_argument("--submission", help="also write the VQA server's JSON (question_id, answer)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--top-k", type=int, default=1, help="answers per question in predictions")
-    p.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
+    _add_device(p)
     p.add_argument("--amp", choices=["bf16", "fp16"], help="mixed-precision autocast")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--dictionary", help="release checkpoints: the release's dictionary.pkl")
@@ -227,7 +228,7 @@ def _run_evaluate(args) -> int:
     from ban.tasks import vqa
 
     path, run_config = engine.resolve_checkpoint(args.checkpoint)
-    device = engine.resolve_device(args.device)
+    device = _device(args)
     if args.task == "flickr" or (args.task is None and _is_grounding(path)):
         return _evaluate_flickr(args, path, run_config, device)
     args.split = args.split or "val2014"
@@ -327,7 +328,7 @@ def _add_predict(commands) -> None:
         "--boxes", type=_positive, default=3, help="most attended boxes to show per glimpse"
     )
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cpu)", default="cpu")
+    _add_device(p)
     p.add_argument("--dictionary", help="release checkpoints: the release's dictionary.pkl")
     p.add_argument("--label2ans", help="release checkpoints: trainval_label2ans.pkl")
     _add_precision(p)
@@ -366,7 +367,7 @@ def _run_predict(args) -> int:
     predictor = Predictor.from_checkpoint(
         args.checkpoint,
         args.data,
-        args.device,
+        _device(args),
         args.dictionary,
         args.label2ans,
         precision=args.precision,
@@ -405,7 +406,7 @@ def _add_visualize(commands) -> None:
     p.add_argument(
         "--boxes", type=_positive, default=3, help="most attended boxes to draw per glimpse"
     )
-    p.add_argument("--device", default="cpu")
+    _add_device(p)
     _add_precision(p)
     p.set_defaults(func=_run_visualize)
 
@@ -417,13 +418,24 @@ def _run_visualize(args) -> int:
 
     args.question = _question(args.question)
     predictor = Predictor.from_checkpoint(
-        args.checkpoint, args.data, args.device, precision=args.precision
+        args.checkpoint, args.data, _device(args), precision=args.precision
     )
     images = viz.ImageFolder.for_data(predictor.data_dir, args.images)
     picture = viz.visualize(predictor, args.question, args.image_id, images, args.boxes)
     atomic_write(args.out, lambda tmp: picture.save(tmp, format="PNG"))
     print(f"wrote {args.out} ({picture.width} x {picture.height})")
     return 0
+
+
+def _add_device(p) -> None:
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+
+
+def _device(args):
+    """The torch device of `--device`: as named, or the best available."""
+    from ban.distributed import resolve_device
+
+    return resolve_device(args.device)
 
 
 def _add_precision(p) -> None:
@@ -443,16 +455,35 @@ def _add_serve(commands) -> None:
     p.add_argument("--images", help="folder of the pictures (default: RAW/images of the manifest)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="cpu")
+    _add_device(p)
+    _add_precision(p)
     p.add_argument("--quiet", action="store_true", help="no request log")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds for a request's headers, and its body, to arrive")  # fmt: skip
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="questions answered in one forward (1: one at a time)")  # fmt: skip
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="how long a forward may wait for more questions, under load")  # fmt: skip
     p.set_defaults(func=_run_serve)
 
 
 def _run_serve(args) -> int:
     from ban import serve
 
-    app = serve.load_app(args.checkpoint, args.data, args.images, args.device)
-    server = serve.make_server(app, args.host, args.port, quiet=args.quiet)
+    if not args.read_timeout > 0:
+        raise ValueError(f"--read-timeout: expected seconds above 0, got {args.read_timeout}")
+    try:
+        sock = serve.bind(args.host, args.port)  # before the model loads: fail fast
+    except OSError as error:
+        reason = "the port is in use" if error.errno == errno.EADDRINUSE else error.strerror
+        print(f"ban: error: cannot listen on {args.host}:{args.port}: {reason} (choose another "
+              "with --port)", file=sys.stderr)  # fmt: skip
+        return 2
+    if args.max_batch < 1 or args.max_wait_ms < 0:
+        raise ValueError("--max-batch must be at least 1 and --max-wait-ms at least 0")
+    app = serve.load_app(args.checkpoint, args.data, args.images, _device(args),
+                         args.max_batch, args.max_wait_ms / 1000, args.precision)  # fmt: skip
+    server = serve.make_server(app, quiet=args.quiet, read_timeout=args.read_timeout, sock=sock)
     host, port = server.server_address[:2]
     print(f"serving {len(app.image_ids)} images on http://{host}:{port}/ (Ctrl-C stops)")
     try:
@@ -498,7 +529,7 @@ def _add_image_options(p) -> None:
     p.add_argument("--size", type=int, default=320, help="pictures are resized to SIZE x SIZE")
     p.add_argument("--grid", type=int, default=7, help="GRID x GRID cells (regions) per picture")
     p.add_argument("--batch-size", type=int, default=8, help="pictures per forward pass")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    _add_device(p)
     p.add_argument("--fp16", action="store_true", help="store the features as float16")
 
 
@@ -531,7 +562,7 @@ def _run_features_extract(args) -> int:
         size=args.size,
         grid=args.grid,
         batch_size=args.batch_size,
-        device=args.device,
+        device=_device(args),
         fp16=args.fp16,
     )
     # each skipped picture has already been named in a warning by extract_features
@@ -671,7 +702,7 @@ def _run_from_images(args) -> int:
         size=args.size,
         grid=args.grid,
         batch_size=args.batch_size,
-        device=args.device,
+        device=_device(args),
         min_answer_count=args.min_answer_count,
         glove=args.glove,
         fp16=args.fp16,

@@ -1,6 +1,6 @@
-"""`ban serve`: a small web app over one model, on Python's standard library HTTP server.
+"""`ban serve`: a small web app over one model, on FastAPI + uvicorn.
 
-    server = make_server(App(predictor), "127.0.0.1", 8000)
+    server = make_server(load_app("runs/x"), "127.0.0.1", 8000)
     server.serve_forever()
 
 GET  /                       the page (inline JS, no external resources)
@@ -8,35 +8,53 @@ GET  /api/images             {"total", "offset", "images": [{"image_id", "url"}]
 GET  /api/images/<id>.png    the picture of an image of the dataset, or of an upload (id < 0)
 POST /api/answer             {"image_id": int, "question": str, "top_k"?: int, "boxes"?: int}
 POST /api/pictures           raw image bytes (Content-Type image/...) -> {"image_id", "url", ...}
-GET  /openapi.json           the API description
+GET  /openapi.json           the API description, generated from the pydantic models below
 
-The model is loaded once; a lock queues the requests to it (the model runs one question at a time,
-the HTTP threads do the rest). Nothing from a request reaches the file system: image ids must be
-integers of the feature files, and pictures are found from the id by `ban.viz.ImageFolder`.
-Uploaded pictures are decoded and featurised in memory (`Predictor.add_picture`, with the backbone
-that made the data's features) and kept in memory, the last `MAX_UPLOADS` of them.
+The model is loaded once and runs on its own thread (`Batcher`): the questions that arrive while
+it is busy are answered together in its next forward pass (at most `MAX_BATCH`), so throughput
+rises with the number of clients while a lone question is answered at once. Every error is a
+JSON `{"error": "..."}`. Bodies are read by `RequestLimits` before any route sees them, bounded
+in size (413) and in time (408), as are the request's headers (`ReadTimeoutProtocol`), so a
+stalled client cannot hold a connection. Nothing from a request reaches the file system: image
+ids must be integers of the feature files, and pictures are found from the id by
+`ban.viz.ImageFolder`. Uploaded pictures are decoded and featurised in memory
+(`Predictor.add_picture`, with the backbone that made the data's features) and kept in memory,
+the last `MAX_UPLOADS` of them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import queue
 import re
+import socket
 import threading
+import time
 import warnings
 from collections import OrderedDict
+from concurrent.futures import Future
 from functools import lru_cache
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from typing import Annotated
 
-from ban.predict import Predictor
+import h11
+import uvicorn
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from ban.predict import MAX_QUESTION, Predictor, QuestionError, check_question
 from ban.viz import GLIMPSE_COLORS, ImageFolder
 
-MAX_BODY = 8 * 1024  # bytes of a request body
-MAX_QUESTION = 300  # characters of a question
+MAX_BODY = 8 * 1024  # bytes of a request body (but an upload's)
 MAX_TOP_K = 20
 MAX_BOXES = 10
 MAX_LIMIT = 1000  # images per /api/images page
@@ -44,21 +62,125 @@ MAX_UPLOAD = 8 * 1024 * 1024  # bytes of an uploaded picture
 MAX_UPLOAD_PIXELS = 40_000_000  # width x height of an uploaded picture, before it is decoded
 MAX_UPLOAD_SIDE = 1280  # longer side, in pixels, an upload is scaled down to (boxes are in these)
 MAX_UPLOADS = 64  # uploaded pictures kept in memory; the oldest is forgotten
-_IMAGE_PATH = re.compile(r"/api/images/(-?[0-9]{1,15})\.png")
+MAX_BATCH = 16  # questions answered together in one forward pass
+MAX_WAIT = 0.01  # seconds a forward may wait for more questions, under load only
+READ_TIMEOUT = 30.0  # seconds for a request's headers, and again for its body, to arrive
+MAX_HEADER = 16 * 1024  # bytes of a request line and headers
 _ID = re.compile(r"-?[0-9]{1,15}")
+_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")  # `<_io.BytesIO object at 0x...>` in messages
 
 
 class ApiError(Exception):
-    def __init__(self, status: HTTPStatus, message: str) -> None:
+    def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
 
 
+# The API's bodies. The OpenAPI description is generated from these.
+
+
+def _image_id(value):
+    # An id of the dataset or of an upload: an integer, or its decimal string (never a path).
+    if isinstance(value, str) and _ID.fullmatch(value):
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PydanticCustomError("image_id", "image_id must be an integer id of the dataset")
+    return value
+
+
+def _bounded(key: str, most: int):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+            raise PydanticCustomError(key, f"{key} must be an integer from 1 to {most}")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _question(value):
+    """The one question rule of the command line and `Predictor` (`ban.predict.check_question`)."""
+    try:
+        return check_question(value)
+    except QuestionError as error:
+        raise PydanticCustomError("question", str(error)) from None
+
+
+class Question(BaseModel):
+    """A question about an image of the dataset (or an upload, id < 0)."""
+
+    model_config = ConfigDict(extra="forbid")
+    image_id: Annotated[int, BeforeValidator(_image_id)] = Field(
+        description="an image id of the dataset's feature files, or of an upload (negative); "
+        "a decimal string is accepted"
+    )
+    question: Annotated[str, BeforeValidator(_question)] = Field(
+        min_length=1, max_length=MAX_QUESTION, description="leading and trailing spaces dropped"
+    )
+    top_k: Annotated[int, Field(ge=1, le=MAX_TOP_K), _bounded("top_k", MAX_TOP_K)] = 5
+    boxes: Annotated[int, Field(ge=1, le=MAX_BOXES), _bounded("boxes", MAX_BOXES)] = 3
+
+
+class ScoredAnswer(BaseModel):
+    answer: str
+    score: float = Field(description="sigmoid score")
+
+
+class Box(BaseModel):
+    index: int = Field(description="row of the box in the image's features")
+    box: list[float] = Field(description="x1, y1, x2, y2 in pixels of the served picture")
+    weight: float = Field(description="attention mass of the box in this glimpse")
+
+
+class Answer(BaseModel):
+    question: str
+    image_id: int
+    tokens: list[str] = Field(description="the question as the model reads it")
+    answers: list[ScoredAnswer] = Field(description="top_k answers, best first")
+    boxes: list[list[Box]] = Field(description="per glimpse, the most attended boxes, best first")
+    colors: list[str] = Field(description="a colour per glimpse, as the page draws them")
+
+
+class Picture(BaseModel):
+    image_id: int = Field(le=-1, description="the id to ask about")
+    url: str
+    width: int
+    height: int
+    regions: int = Field(description="regions (boxes) of its features")
+
+
+class ImageItem(BaseModel):
+    image_id: int
+    url: str
+
+
+class Uploads(BaseModel):
+    enabled: bool
+    max_bytes: int
+    reason: str | None = Field(description="why uploads are refused, else null")
+
+
+class ImageList(BaseModel):
+    total: int
+    offset: int
+    images: list[ImageItem]
+    uploads: Uploads
+
+
+class Error(BaseModel):
+    error: str = Field(description="what was wrong, naming the field or limit")
+
+
 class App:
     """The model, the dataset's image ids and pictures; `answer` is safe to call from threads."""
 
-    def __init__(self, predictor: Predictor, images: ImageFolder | None = None) -> None:
+    def __init__(
+        self,
+        predictor: Predictor,
+        images: ImageFolder | None = None,
+        max_batch: int = MAX_BATCH,
+        max_wait: float = MAX_WAIT,
+    ) -> None:
         from ban.data.features import FeatureStore
 
         self.predictor = predictor
@@ -75,36 +197,31 @@ class App:
         self.uploads: OrderedDict[int, bytes] = OrderedDict()  # id (< 0) -> PNG, oldest first
         self._next_upload = -1
         self.upload_refusal = _upload_refusal(predictor.data_dir)
+        self.batcher = Batcher(self._answer_batch, max_batch, max_wait)
 
     def is_upload(self, image_id: int) -> bool:
         return image_id < 0 and image_id not in self._known
 
-    def check_image(self, value) -> int:
-        if isinstance(value, str) and _ID.fullmatch(value):
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ApiError(HTTPStatus.BAD_REQUEST, "image_id must be an integer id of the dataset")
-        if self.is_upload(value):
-            with self._lock:
-                if value in self.uploads:
-                    return value
+    def check_image(self, image_id: int) -> int:
+        # The event loop calls this: it reads `uploads` without the lock, which the model holds
+        # for a whole forward (a dict lookup is atomic; the batcher checks again under the lock).
+        if self.is_upload(image_id):
+            if image_id in self.uploads:
+                return image_id
             raise ApiError(
-                HTTPStatus.NOT_FOUND,
-                f"unknown image: no uploaded picture {value} (the last {MAX_UPLOADS} are kept)",
+                404,
+                f"unknown image: no uploaded picture {image_id} (the last {MAX_UPLOADS} are kept)",
             )
-        if value not in self._known:
-            raise ApiError(HTTPStatus.NOT_FOUND, f"unknown image: no image {value} in the dataset")
-        return value
+        if image_id not in self._known:
+            raise ApiError(404, f"unknown image: no image {image_id} in the dataset")
+        return image_id
 
     def picture_png(self, image_id: int) -> bytes:
         """The PNG of a checked id: an upload's from memory, else the dataset's (cached)."""
         if self.is_upload(image_id):
-            with self._lock:
-                png = self.uploads.get(image_id)
+            png = self.uploads.get(image_id)
             if png is None:
-                raise ApiError(
-                    HTTPStatus.NOT_FOUND, f"unknown image: no uploaded picture {image_id}"
-                )
+                raise ApiError(404, f"unknown image: no uploaded picture {image_id}")
             return png
         return self.png(image_id)
 
@@ -123,7 +240,7 @@ class App:
     def add_picture(self, body: bytes) -> dict:
         """Decode an uploaded picture, featurise it like the data and keep it; its new id."""
         if self.upload_refusal is not None:
-            raise ApiError(HTTPStatus.CONFLICT, self.upload_refusal)
+            raise ApiError(409, self.upload_refusal)
         picture = decode_picture(body)
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG")
@@ -134,7 +251,7 @@ class App:
             try:
                 self.predictor.add_picture(picture, image_id=image_id)
             except ValueError as error:  # e.g. the backbone file of the data is gone
-                raise ApiError(HTTPStatus.CONFLICT, f"cannot featurise uploads: {error}") from None
+                raise ApiError(409, f"cannot featurise uploads: {_clean(error)}") from None
             self._next_upload = image_id - 1
             self.uploads[image_id] = buffer.getvalue()
             while len(self.uploads) > MAX_UPLOADS:
@@ -149,41 +266,52 @@ class App:
             "regions": regions,
         }
 
-    def answer(self, payload) -> dict:
-        if not isinstance(payload, dict):
-            raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
-        unknown = set(payload) - {"image_id", "question", "top_k", "boxes"}
-        if unknown:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown fields: {', '.join(sorted(unknown))}")
-        if "image_id" not in payload:
-            raise ApiError(HTTPStatus.BAD_REQUEST, "missing field: image_id")
-        image_id = self.check_image(payload["image_id"])
-        question = payload.get("question")
-        if not isinstance(question, str):
-            raise ApiError(HTTPStatus.BAD_REQUEST, "question must be a string")
-        question = question.strip()
-        if not question:
-            raise ApiError(HTTPStatus.BAD_REQUEST, "question is empty")
-        if len(question) > MAX_QUESTION:
-            raise ApiError(
-                HTTPStatus.BAD_REQUEST,
-                f"question is too long: {len(question)} characters, at most {MAX_QUESTION}",
-            )
-        top_k = _bounded(payload, "top_k", 5, MAX_TOP_K)
-        boxes = _bounded(payload, "boxes", 3, MAX_BOXES)
+    def submit(self, question: Question) -> Future:
+        """Queue a question for the model: a future of its answer (a dict of `Answer`)."""
+        self.check_image(question.image_id)
+        return self.batcher.submit(question)
+
+    def answer(self, question: Question) -> dict:
+        return self.submit(question).result()
+
+    def _answer_batch(self, questions: list[Question]) -> list[dict | Exception]:
+        """Answers of the batcher's questions, in one forward (an error for each that fails)."""
         with self._lock:
-            if self.is_upload(image_id) and image_id not in self.uploads:
-                raise ApiError(  # forgotten since it was checked
-                    HTTPStatus.NOT_FOUND, f"unknown image: no uploaded picture {image_id}"
+            out: list[dict | Exception | None] = [None] * len(questions)
+            ready = []
+            for k, q in enumerate(questions):
+                if self.is_upload(q.image_id) and q.image_id not in self.uploads:  # forgotten
+                    out[k] = ApiError(404, f"unknown image: no uploaded picture {q.image_id}")
+                else:
+                    ready.append(k)
+            try:
+                results = self.predictor.answer_batch(
+                    [questions[k].question for k in ready],
+                    [questions[k].image_id for k in ready],
+                    [questions[k].top_k for k in ready],
+                    [questions[k].boxes for k in ready],
                 )
-            result = self.predictor(question, image_id, top_k=top_k, top_boxes=boxes)
+            except Exception:  # one at a time, so that only the question at fault fails
+                results = []
+                for k in ready:
+                    q = questions[k]
+                    try:
+                        results.append(self.predictor(q.question, q.image_id, q.top_k, q.boxes))
+                    except Exception as error:
+                        results.append(error)
+        for k, result in zip(ready, results, strict=True):
+            out[k] = result if isinstance(result, Exception) else self._answer_dict(result)
+        return out
+
+    @staticmethod
+    def _answer_dict(result) -> dict:
         out = result.to_dict()
         out["colors"] = [GLIMPSE_COLORS[g % len(GLIMPSE_COLORS)] for g in range(len(result.boxes))]
         return out
 
-    def list_images(self, query: dict[str, list[str]]) -> dict:
-        offset = _query_int(query, "offset", 0, len(self.image_ids))
-        limit = _query_int(query, "limit", 100, MAX_LIMIT)
+    def list_images(self, offset: int, limit: int) -> dict:
+        if offset > len(self.image_ids):
+            raise ApiError(422, f"offset must be an integer from 0 to {len(self.image_ids)}")
         page = self.image_ids[offset : offset + limit]
         return {
             "total": len(self.image_ids),
@@ -191,6 +319,71 @@ class App:
             "images": [{"image_id": i, "url": f"/api/images/{i}.png"} for i in page],
             "uploads": self.uploads_info(),
         }
+
+
+class Batcher:
+    """Runs `answer(list of questions) -> list of answers or exceptions` on one thread, in
+    batches: the questions that arrived while the model was busy go together into its next
+    forward, at most `max_batch` of them (1: one question at a time). Under load (more than one
+    question queued, or in the previous forward) a forward also waits up to `max_wait` seconds
+    for more, until the batch is full: the clients just answered are about to ask again, and
+    without the wait the batches alternate full and nearly empty. A lone question after a quiet
+    spell goes at once."""
+
+    def __init__(self, answer, max_batch: int = MAX_BATCH, max_wait: float = MAX_WAIT) -> None:
+        if max_batch < 1 or max_wait < 0:
+            raise ValueError(
+                f"max_batch must be >= 1 and max_wait >= 0, got {max_batch}, {max_wait}"
+            )
+        self.answer, self.max_batch, self.max_wait = answer, max_batch, max_wait
+        self.batches = self.questions = 0  # forwards run and questions answered
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="ban-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, item) -> Future:
+        future: Future = Future()
+        self._queue.put((item, future))
+        return future
+
+    def close(self) -> None:
+        """Stop the thread once the queued questions are answered."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        previous, stop = 0, False
+        while not stop and (first := self._queue.get()) is not None:
+            batch, deadline = [first], None
+            while len(batch) < self.max_batch:
+                try:
+                    if deadline is None:
+                        item = self._queue.get_nowait()  # what queued while the model was busy
+                    else:
+                        item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+                except queue.Empty:
+                    if deadline is not None or (len(batch) == 1 and previous <= 1):
+                        break
+                    deadline = time.monotonic() + self.max_wait  # under load: wait for more
+                    continue
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            previous = len(batch)
+            batch = [(q, f) for q, f in batch if f.set_running_or_notify_cancel()]  # gone: skip
+            if batch:
+                try:
+                    answers = self.answer([q for q, _ in batch])
+                except Exception as error:
+                    answers = [error] * len(batch)
+                self.batches += 1
+                self.questions += len(batch)
+                for (_, future), answer in zip(batch, answers, strict=True):
+                    if isinstance(answer, Exception):
+                        future.set_exception(answer)
+                    else:
+                        future.set_result(answer)
 
 
 def _upload_refusal(data_dir: Path) -> str | None:
@@ -207,18 +400,31 @@ def _upload_refusal(data_dir: Path) -> str | None:
     )
 
 
+def _clean(error: BaseException) -> str:
+    """An exception's message without object reprs (`<_io.BytesIO object at 0x...>`)."""
+    return _REPR.sub("the body", str(error))
+
+
 def decode_picture(body: bytes):
     """An uploaded picture as RGB (upright by its EXIF orientation, the longer side at most
-    `MAX_UPLOAD_SIDE`); ApiError 400 when it does not decode, 413 when it has too many pixels."""
-    from PIL import Image, ImageOps
+    `MAX_UPLOAD_SIDE`); ApiError 400 when it does not decode, 413 when it has too many pixels
+    (`MAX_UPLOAD_PIXELS`, checked from its header before it is decoded; Pillow's own
+    decompression-bomb limits are above it and give the same 413)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
+    too_many = (
+        f"the picture has more than {MAX_UPLOAD_PIXELS} pixels (width x height); "
+        f"at most {MAX_UPLOAD_PIXELS} in all"
+    )
+    if not body:
+        raise ApiError(400, "the body is empty: send the picture's bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(body))
             if image.width * image.height > MAX_UPLOAD_PIXELS:
                 raise ApiError(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    413,
                     f"the picture is {image.width}x{image.height} pixels, at most "
                     f"{MAX_UPLOAD_PIXELS} in all",
                 )
@@ -226,321 +432,403 @@ def decode_picture(body: bytes):
             image = ImageOps.exif_transpose(image).convert("RGB")
     except ApiError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Warning) as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ApiError(413, too_many) from None
+    except UnidentifiedImageError:
         raise ApiError(
-            HTTPStatus.BAD_REQUEST, f"not a picture that decodes (PNG, JPEG, ...): {error}"
+            400, "not a picture that decodes (PNG, JPEG, ...): the format is not recognised"
+        ) from None
+    except (OSError, SyntaxError, ValueError, Warning) as error:
+        raise ApiError(
+            400, f"not a picture that decodes (PNG, JPEG, ...): {_clean(error)}"
         ) from None
     if max(image.size) > MAX_UPLOAD_SIDE:
         image.thumbnail((MAX_UPLOAD_SIDE, MAX_UPLOAD_SIDE), Image.Resampling.LANCZOS)
     return image
 
 
-def _bounded(payload: dict, key: str, default: int, most: int) -> int:
-    value = payload.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"{key} must be an integer from 1 to {most}")
-    return value
+def _page(uploads: bool) -> bytes:
+    html = resources.files("ban").joinpath("static/index.html").read_text(encoding="utf-8")
+    html = html.replace("__MAX_QUESTION__", str(MAX_QUESTION))
+    html = html.replace("__OR_UPLOAD__", " (or upload your own)" if uploads else "")
+    return html.encode("utf-8")
 
 
-def _query_int(query: dict[str, list[str]], key: str, default: int, most: int) -> int:
-    values = query.get(key)
-    if not values:
-        return default
-    if not values[0].isdigit() or int(values[0]) > most:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"{key} must be an integer from 0 to {most}")
-    return int(values[0])
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def openapi() -> dict:
-    error = {
-        "description": "a bad request",
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-    }
-    return {
-        "openapi": "3.0.3",
-        "info": {"title": "ban serve", "version": "1", "description": "BAN VQA answers"},
-        "paths": {
-            "/api/answer": {
-                "post": {
-                    "summary": "answer a question about an image of the dataset",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {"$ref": "#/components/schemas/Question"}
-                            }
-                        },
-                    },
-                    "responses": {
-                        "200": {
-                            "description": "top answers and the most attended boxes per glimpse",
-                            "content": {
-                                "application/json": {
-                                    "schema": {"$ref": "#/components/schemas/Answer"}
-                                }
-                            },
-                        },
-                        "400": error,
-                        "404": error,
-                        "411": error,
-                        "413": error,
-                    },
-                }
-            },
-            "/api/pictures": {
-                "post": {
-                    "summary": "upload a new picture to ask about",
-                    "description": (
-                        "The body is the picture's raw bytes (PNG, JPEG, or any format Pillow "
-                        "decodes) with an image Content-Type (image/png, image/jpeg, ...), at most "
-                        f"{MAX_UPLOAD} bytes (413 above, not read) and {MAX_UPLOAD_PIXELS} pixels. "
-                        "It is turned upright by its EXIF orientation, scaled down to at most "
-                        f"{MAX_UPLOAD_SIDE} pixels on its longer side, featurised with the "
-                        "backbone that made the data's features, and kept in memory (the last "
-                        f"{MAX_UPLOADS} uploads; ids are negative). Ask about it with POST "
-                        "/api/answer and its image_id; boxes are in the pixels of the picture "
-                        "served at its url. 409 when the data's features were not made from "
-                        "pictures (see `uploads` in GET /api/images): uploads need a model "
-                        "trained on picture features."
-                    ),
-                    "requestBody": {
-                        "required": True,
-                        "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}},
-                    },
-                    "responses": {
-                        "200": {
-                            "description": "the new picture",
-                            "content": {
-                                "application/json": {
-                                    "schema": {"$ref": "#/components/schemas/Picture"}
-                                }
-                            },
-                        },
-                        "400": error,
-                        "409": error,
-                        "411": error,
-                        "413": error,
-                        "415": error,
-                    },
-                }
-            },
-            "/api/images": {
-                "get": {
-                    "summary": "the image ids of the dataset, a page at a time",
-                    "parameters": [
-                        {"name": "offset", "in": "query", "schema": {"type": "integer"}},
-                        {
-                            "name": "limit",
-                            "in": "query",
-                            "schema": {"type": "integer", "maximum": MAX_LIMIT},
-                        },
-                    ],
-                    "responses": {
-                        "200": {
-                            "description": "{total, offset, images, uploads: {enabled, "
-                            "max_bytes, reason}} (reason: why uploads are refused, else null)"
-                        },
-                        "400": error,
-                    },
-                }
-            },
-            "/api/images/{image_id}.png": {
-                "get": {
-                    "summary": "the picture of an image of the dataset or of an upload (id < 0)",
-                    "parameters": [
-                        {
-                            "name": "image_id",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "integer"},
-                        }
-                    ],
-                    "responses": {
-                        "200": {"description": "PNG", "content": {"image/png": {}}},
-                        "404": error,
-                    },
-                }
-            },
-        },
-        "components": {
-            "schemas": {
-                "Question": {
-                    "type": "object",
-                    "required": ["image_id", "question"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "image_id": {"type": "integer"},
-                        "question": {"type": "string", "minLength": 1, "maxLength": MAX_QUESTION},
-                        "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K},
-                        "boxes": {"type": "integer", "minimum": 1, "maximum": MAX_BOXES},
-                    },
-                },
-                "Answer": {
-                    "type": "object",
-                    "properties": {
-                        "question": {"type": "string"},
-                        "image_id": {"type": "integer"},
-                        "tokens": {"type": "array", "items": {"type": "string"}},
-                        "answers": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "properties": {
-                                    "answer": {"type": "string"},
-                                    "score": {"type": "number"},
-                                },
-                            },
-                        },
-                        "boxes": {
-                            "type": "array",
-                            "description": "per glimpse, best first: {index, box [x1,y1,x2,y2] "
-                            "in pixels, weight}",
-                            "items": {"type": "array", "items": {"type": "object"}},
-                        },
-                        "colors": {"type": "array", "items": {"type": "string"}},
-                    },
-                },
-                "Picture": {
-                    "type": "object",
-                    "properties": {
-                        "image_id": {"type": "integer", "maximum": -1},
-                        "url": {"type": "string"},
-                        "width": {"type": "integer"},
-                        "height": {"type": "integer"},
-                        "regions": {"type": "integer"},
-                    },
-                },
-                "Error": {"type": "object", "properties": {"error": {"type": "string"}}},
+def _validation_message(errors: list[dict]) -> tuple[int, str]:
+    """(status, message) of pydantic errors: 400 for JSON that does not parse, else 422."""
+    messages, status = [], 422
+    for error in errors:
+        kind, loc = error["type"], [str(x) for x in error["loc"] if x not in ("body", "query")]
+        field = ".".join(loc)
+        if kind == "json_invalid":
+            status = 400
+            messages.append(f"malformed JSON: {error.get('ctx', {}).get('error', error['msg'])}")
+        elif kind == "missing":
+            messages.append(f"missing field: {field}")
+        elif kind == "extra_forbidden":
+            messages.append(f"unknown field: {field}")
+        elif kind in ("model_type", "model_attributes_type", "dict_type") and not loc:
+            messages.append("the body must be a JSON object")
+        elif error["msg"].startswith(field):  # our own messages name their field
+            messages.append(error["msg"])
+        else:
+            messages.append(f"{field}: {error['msg']}" if field else error["msg"])
+    return status, "; ".join(messages)
+
+
+_ERRORS = {
+    status: {"model": Error, "description": description}
+    for status, description in [
+        (400, "malformed JSON, or a picture that does not decode"),
+        (404, "unknown image"),
+        (408, "the body did not arrive in time"),
+        (409, "uploads are off for this model"),
+        (411, "no Content-Length"),
+        (413, "the body (or picture) is over the limit"),
+        (415, "wrong Content-Type"),
+        (422, "a field is missing, unknown or out of range"),
+    ]
+}
+
+
+def create_app(app: App) -> FastAPI:
+    """The ASGI app (routes, JSON errors) over `app`; serve it with `make_server`."""
+    api = FastAPI(
+        title="ban serve",
+        version="1",
+        description="BAN VQA answers about the images of a dataset, and about uploaded pictures",
+        docs_url=None,  # the interactive docs load scripts from a CDN: the page loads nothing
+        redoc_url=None,
+    )
+    api.state.ban = app
+    page = _page(app.upload_refusal is None)
+
+    @api.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return _error(error.status, error.message)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        return _error(*_validation_message(error.errors()))
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        path = request.url.path[:100]
+        if error.status_code == 404:
+            message = f"no such page: {path}"
+        elif error.status_code == 405:
+            allowed = (error.headers or {}).get("Allow", "")
+            message = f"{request.method} is not allowed on {path} (allowed: {allowed})"
+        else:
+            message = str(error.detail)
+        return _error(error.status_code, message, error.headers)
+
+    @api.exception_handler(Exception)
+    async def internal(request: Request, error: Exception) -> JSONResponse:
+        import logging
+
+        logging.getLogger("ban.serve").error("internal error: %r", error, exc_info=error)
+        return _error(500, "internal error")
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @api.get("/index.html", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> Response:
+        return Response(page, media_type="text/html; charset=utf-8")
+
+    @api.get("/api/images", response_model=ImageList, responses={422: _ERRORS[422]})
+    async def images(
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=0, le=MAX_LIMIT)] = 100,
+    ) -> ImageList:
+        """The image ids of the dataset, a page at a time, and whether uploads are on."""
+        return ImageList(**app.list_images(offset, limit))
+
+    @api.get(
+        "/api/images/{image_id}.png",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}, 404: _ERRORS[404]},
+    )
+    async def picture(image_id: str) -> Response:
+        """The picture of an image of the dataset, or of an upload (id < 0)."""
+        if not _ID.fullmatch(image_id):
+            raise ApiError(404, "unknown image: expected /api/images/<integer id>.png")
+        checked = app.check_image(int(image_id))
+        png = await run_in_threadpool(app.picture_png, checked)
+        cache = "no-store" if app.is_upload(checked) else "max-age=3600"  # upload ids recur
+        return Response(png, media_type="image/png", headers={"Cache-Control": cache})
+
+    @api.post(
+        "/api/answer",
+        response_model=Answer,
+        responses={s: _ERRORS[s] for s in (400, 404, 408, 411, 413, 415, 422)},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": Question.model_json_schema()}},
             }
         },
-    }
-
-
-def _page() -> bytes:
-    html = resources.files("ban").joinpath("static/index.html").read_text(encoding="utf-8")
-    return html.replace("__MAX_QUESTION__", str(MAX_QUESTION)).encode("utf-8")
-
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "ban-serve"
-    app: App  # set by make_server
-    quiet = False
-
-    def log_message(self, format, *args) -> None:
-        if not self.quiet:
-            super().log_message(format, *args)
-
-    def _send(self, status: int, body: bytes, content_type: str, cache: bool = False) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Cache-Control", "max-age=3600" if cache else "no-store")
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, status: int, data) -> None:
-        self._send(status, json.dumps(data).encode("utf-8"), "application/json")
-
-    def _handle(self, route) -> None:
+    )
+    async def answer(request: Request) -> Answer:
+        """Answer a question about an image; the most attended boxes of each glimpse."""
+        _require_json(request)
         try:
-            route()
-        except ApiError as error:
-            self._json(error.status, {"error": error.message})
-        except Exception as error:  # the server keeps serving; the client gets a 500
-            self.log_error("internal error: %r", error)
-            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})
+            question = Question.model_validate_json(await request.body())
+        except ValidationError as error:
+            raise ApiError(*_validation_message(error.errors(include_input=False))) from None
+        return Answer(**await asyncio.wrap_future(app.submit(question)))
 
-    def do_GET(self) -> None:
-        self._handle(self._get)
-
-    def do_POST(self) -> None:
-        self._handle(self._post)
-
-    def _get(self) -> None:
-        url = urlsplit(self.path)
-        if url.path in ("/", "/index.html"):
-            self._send(HTTPStatus.OK, PAGE, "text/html; charset=utf-8")
-        elif url.path == "/openapi.json":
-            self._json(HTTPStatus.OK, OPENAPI)
-        elif url.path == "/api/images":
-            self._json(HTTPStatus.OK, self.app.list_images(parse_qs(url.query)))
-        elif url.path.startswith("/api/images/"):
-            match = _IMAGE_PATH.fullmatch(url.path)
-            if match is None:
-                raise ApiError(HTTPStatus.NOT_FOUND, "unknown image: expected /api/images/<id>.png")
-            image_id = self.app.check_image(int(match.group(1)))
-            upload = self.app.is_upload(image_id)  # ids of uploads recur
-            self._send(HTTPStatus.OK, self.app.picture_png(image_id), "image/png", not upload)
-        else:
-            raise ApiError(HTTPStatus.NOT_FOUND, f"no such page: {url.path[:100]}")
-
-    def _post(self) -> None:
-        path = urlsplit(self.path).path
-        if path == "/api/pictures":
-            self._post_picture()
-            return
-        if path != "/api/answer":
-            self.close_connection = True  # the body is not read
-            raise ApiError(HTTPStatus.NOT_FOUND, "POST goes to /api/answer or /api/pictures")
-        body = self._body(MAX_BODY)
-        try:
-            payload = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"malformed JSON: {error}") from None
-        self._json(HTTPStatus.OK, self.app.answer(payload))
-
-    def _post_picture(self) -> None:
-        if self.app.upload_refusal is not None:
-            self.close_connection = True
-            raise ApiError(HTTPStatus.CONFLICT, self.app.upload_refusal)
-        kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    @api.post(
+        "/api/pictures",
+        response_model=Picture,
+        responses={s: _ERRORS[s] for s in (400, 408, 409, 411, 413, 415)},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
+        description=(
+            "The body is the picture's raw bytes (PNG, JPEG, or any format Pillow decodes) with "
+            f"an image Content-Type (image/png, image/jpeg, ...), at most {MAX_UPLOAD} bytes "
+            f"(413 above, not read) and {MAX_UPLOAD_PIXELS} pixels (413). It is turned upright "
+            f"by its EXIF orientation, scaled down to at most {MAX_UPLOAD_SIDE} pixels on its "
+            "longer side, featurised with the backbone that made the data's features, and kept "
+            f"in memory (the last {MAX_UPLOADS} uploads; ids are negative). Ask about it with "
+            "POST /api/answer and its image_id; boxes are in the pixels of the picture served at "
+            "its url. 409 when the data's features were not made from pictures (see `uploads` "
+            "in GET /api/images): uploads need a model trained on picture features."
+        ),
+    )
+    async def pictures(request: Request) -> Picture:
+        """Upload a new picture to ask about."""
+        if app.upload_refusal is not None:
+            raise ApiError(409, app.upload_refusal)
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if not kind.startswith("image/"):
-            self.close_connection = True
             raise ApiError(
-                HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                415,
                 "send the picture's bytes as the body with an image Content-Type (image/png, "
                 f"image/jpeg, ...), not {kind or 'none'!r}",
             )
-        body = self._body(MAX_UPLOAD)
-        self._json(HTTPStatus.OK, self.app.add_picture(body))
+        return Picture(**await run_in_threadpool(app.add_picture, await request.body()))
 
-    def _body(self, most: int) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            self.close_connection = True
-            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
-        if not length.isdigit():
-            self.close_connection = True
-            raise ApiError(HTTPStatus.BAD_REQUEST, "Content-Length must be a number")
-        if int(length) > most:
-            self.close_connection = True
-            raise ApiError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"the body is {int(length)} bytes, at most {most}",
-            )
-        body = self.rfile.read(int(length))
-        if len(body) != int(length):
-            self.close_connection = True
-            raise ApiError(HTTPStatus.BAD_REQUEST, "the body is shorter than its Content-Length")
-        return body
+    return api
 
 
-PAGE = _page()
-OPENAPI = openapi()
+def _require_json(request: Request) -> None:
+    # A JSON Content-Type also makes a browser ask (CORS preflight) before another site's page
+    # can post to this server; the server does not answer preflights, so such posts fail.
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(
+            415, f"send the question as JSON with Content-Type: application/json, not {kind!r}"
+        )
+
+
+class RequestLimits:
+    """ASGI middleware: reads each request's body before the app sees it, at most `limit(path)`
+    bytes (413, from Content-Length before reading when it is given) within `read_timeout`
+    seconds (408); a POST needs a Content-Length or chunked body (411). Adds the headers every
+    response carries. An early answer closes the connection (the body is left unread)."""
+
+    def __init__(self, app, limits: dict[str, int], default: int, read_timeout: float) -> None:
+        self.app, self.limits, self.default, self.read_timeout = app, limits, default, read_timeout
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                names = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [(b"x-content-type-options", b"nosniff")]
+                if b"cache-control" not in names:
+                    extra.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        headers = dict(scope["headers"])
+        limit = self.limits.get(scope["path"], self.default)
+        length = headers.get(b"content-length")
+        chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        refusal = None
+        if scope["method"] == "POST" and length is None and not chunked:
+            refusal = 411, "Content-Length is required"
+        elif length is not None and int(length) > limit:  # h11 has checked it is a number
+            refusal = 413, f"the body is {int(length)} bytes, at most {limit}"
+        if refusal is not None:
+            await _send_error(send_with_headers, *refusal)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.read_timeout
+        chunks, size = [], 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                await _send_error(
+                    send_with_headers,
+                    408,
+                    f"the body did not arrive within {self.read_timeout:g} s ({size} bytes came)",
+                )
+                return
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                await _send_error(send_with_headers, 413, f"the body is over {limit} bytes")
+                return
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send_with_headers)
+
+
+async def _send_error(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode("utf-8")
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _raw_error(status: int, reason: str, message: str) -> bytes:
+    body = json.dumps({"error": message}).encode("utf-8")
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+class ReadTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on a request's line and headers: `read_timeout`
+    seconds from a connection's start or a request's first byte (uvicorn's keep-alive timeout
+    only runs between requests, and not at all before the first); then 408 and the connection
+    is closed. Malformed requests get a JSON 400 (uvicorn's is text)."""
+
+    read_timeout = READ_TIMEOUT
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._read_timer = None
+        self._began = False  # bytes of the pending request came
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._read_timer is None:
+            self._read_timer = self.loop.call_later(self.read_timeout, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE:
+            self._arm()
+            self._began = True
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the headers are in; the body has its own
+            self._disarm()
+            self._began = False
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _timed_out(self) -> None:
+        self._read_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        if self._began:
+            message = f"the request's headers did not arrive within {self.read_timeout:g} s"
+            self.transport.write(_raw_error(408, "Request Timeout", message))
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps({"error": f"malformed HTTP request: {msg}"}).encode("utf-8")
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers)))
+        self.transport.write(self.conn.send(h11.Data(data=body)))
+        self.transport.write(self.conn.send(h11.EndOfMessage()))
+        self.transport.close()
+
+
+def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """A listening socket (port 0: any free port). OSError when the address is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=512)
+
+
+class Server:
+    """uvicorn serving `app` on a bound socket, with `http.server`'s interface: `serve_forever`
+    (blocks; from any thread), `shutdown` (from another thread; waits), `server_close`."""
+
+    def __init__(
+        self, app: App, sock: socket.socket, quiet: bool = False, read_timeout: float = READ_TIMEOUT
+    ) -> None:
+        self.app = app
+        self.socket = sock
+        self.server_address = sock.getsockname()
+        asgi = RequestLimits(create_app(app), {"/api/pictures": MAX_UPLOAD}, MAX_BODY, read_timeout)
+        protocol = type("Protocol", (ReadTimeoutProtocol,), {"read_timeout": read_timeout})
+        config = uvicorn.Config(
+            asgi,
+            http=protocol,
+            lifespan="off",
+            access_log=not quiet,
+            log_level="warning" if quiet else "info",
+            log_config=None if quiet else uvicorn.config.LOGGING_CONFIG,
+            h11_max_incomplete_event_size=MAX_HEADER,
+            server_header=False,
+        )
+        self.uvicorn = uvicorn.Server(config)
+        self._stopped = threading.Event()
+
+    def serve_forever(self) -> None:
+        self._stopped.clear()
+        try:
+            self.uvicorn.run(sockets=[self.socket])
+        finally:
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        self.uvicorn.should_exit = True
+        self._stopped.wait()
+
+    def server_close(self) -> None:
+        self.socket.close()
 
 
 def make_server(
-    app: App, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False
-) -> ThreadingHTTPServer:
-    """A threading HTTP server for `app` (port 0: any free port; see `server.server_address`)."""
-    handler = type("BoundHandler", (Handler,), {"app": app, "quiet": quiet})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    app: App,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    quiet: bool = False,
+    read_timeout: float = READ_TIMEOUT,
+    sock: socket.socket | None = None,
+) -> Server:
+    """A server for `app` on `host:port` (port 0: any free port; see `server.server_address`),
+    or on `sock` from `bind`."""
+    return Server(app, sock or bind(host, port), quiet, read_timeout)
 
 
 def load_app(
@@ -548,7 +836,11 @@ def load_app(
     data: str | Path | None = None,
     images: str | Path | None = None,
     device: str = "cpu",
+    max_batch: int = MAX_BATCH,
+    max_wait: float = MAX_WAIT,
+    precision: str = "auto",
 ) -> App:
-    """Load the model once: a checkpoint file or run directory, on the run's data by default."""
-    predictor = Predictor.from_checkpoint(checkpoint, data, device)
-    return App(predictor, ImageFolder.for_data(predictor.data_dir, images))
+    """Load the model once: a checkpoint file or run directory, on the run's data by default;
+    `precision`: see `ban.inference`; `max_batch`, `max_wait`: see `Batcher`."""
+    predictor = Predictor.from_checkpoint(checkpoint, data, device, precision=precision)
+    return App(predictor, ImageFolder.for_data(predictor.data_dir, images), max_batch, max_wait)

@@ -3,7 +3,11 @@
 import http.client
 import io
 import json
+import socket
+import struct
 import threading
+import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,13 +16,16 @@ from ban import serve
 from tests.viz_run import first_question, tiny_viz_run
 
 
+def start(app, **options):
+    httpd = serve.make_server(app, "127.0.0.1", 0, quiet=True, **options)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     run, data = tiny_viz_run(tmp_path_factory)
-    app = serve.load_app(run, data)
-    httpd = serve.make_server(app, "127.0.0.1", 0, quiet=True)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
+    httpd = start(serve.load_app(run, data))
     yield httpd, data
     httpd.shutdown()
     httpd.server_close()
@@ -27,9 +34,12 @@ def server(tmp_path_factory):
 def request(server, method, path, body=None, headers=None):
     host, port = server[0].server_address[:2]
     connection = http.client.HTTPConnection(host, port, timeout=30)
+    headers = dict(headers or {})
     if isinstance(body, (dict, list)):
         body = json.dumps(body)
-    connection.request(method, path, body=body, headers=headers or {})
+    if path == "/api/answer" and body is not None:
+        headers.setdefault("Content-Type", "application/json")
+    connection.request(method, path, body=body, headers=headers)
     response = connection.getresponse()
     data = response.read()
     connection.close()
@@ -63,18 +73,23 @@ def test_answer_and_images(server):
     ("body", "status", "message"),
     [
         ({"image_id": 999999999, "question": "how many?"}, 404, "unknown image"),
-        ({"image_id": "../../etc", "question": "how many?"}, 400, "integer"),
-        ({"image_id": "../../etc/passwd", "question": "x"}, 400, "integer"),
-        ({"image_id": None, "question": "x"}, 400, "integer"),
-        ({"question": "x"}, 400, "missing field: image_id"),
-        ({"image_id": "IMG", "question": "   "}, 400, "question is empty"),
-        ({"image_id": "IMG", "question": "why " * 100}, 400, "too long"),
-        ({"image_id": "IMG", "question": 5}, 400, "question must be a string"),
-        ({"image_id": "IMG", "question": "x", "top_k": 1000}, 400, "top_k"),
-        ({"image_id": "IMG", "question": "x", "path": "/etc"}, 400, "unknown fields"),
-        ([1, 2], 400, "JSON object"),
+        ({"image_id": "../../etc", "question": "how many?"}, 422, "integer"),
+        ({"image_id": "../../etc/passwd", "question": "x"}, 422, "integer"),
+        ({"image_id": None, "question": "x"}, 422, "integer"),
+        ({"image_id": True, "question": "x"}, 422, "integer"),
+        ({"image_id": 1.5, "question": "x"}, 422, "integer"),
+        ({"question": "x"}, 422, "missing field: image_id"),
+        ({"image_id": "IMG", "question": "   "}, 422, "question is empty"),
+        ({"image_id": "IMG", "question": "why " * 100}, 422, "too long"),
+        ({"image_id": "IMG", "question": 5}, 422, "question must be a string"),
+        ({"image_id": "IMG", "question": "x", "top_k": 1000}, 422, "top_k"),
+        ({"image_id": "IMG", "question": "x", "boxes": True}, 422, "boxes"),
+        ({"image_id": "IMG", "question": "x", "path": "/etc"}, 422, "unknown field: path"),
+        ([1, 2], 422, "JSON object"),
         ("{not json", 400, "malformed JSON"),
         (b"\xff\xfe", 400, "malformed JSON"),
+        ("[" * 3000 + "]" * 3000, 400, "malformed JSON"),  # was 500 (RecursionError)
+        ('{"a":' * 1300 + "1" + "}" * 1300, 400, "malformed JSON"),  # 1,300 deep: under 8 KiB
     ],
 )
 def test_bad_answer_requests(server, body, status, message):
@@ -82,21 +97,25 @@ def test_bad_answer_requests(server, body, status, message):
     if isinstance(body, dict) and body.get("image_id") == "IMG":
         body = {**body, "image_id": image_id}
     got, reply = request(server, "POST", "/api/answer", body)
-    assert got == status and message in reply["error"]
+    assert got == status and message in reply["error"], reply
 
 
 def test_bad_paths_and_bodies(server):
     for path in ["/api/images/../../etc/passwd", "/api/images/999999999.png",
-                 "/api/images/%2e%2e%2fetc.png", "/api/images/1.jpg", "/nothing"]:  # fmt: skip
+                 "/api/images/%2e%2e%2fetc.png", "/api/images/1.jpg", "/nothing",
+                 "/api/images/abc.png", "/docs"]:  # fmt: skip
         status, reply = request(server, "GET", path)
         assert status == 404 and "error" in reply, path
-    status, reply = request(server, "GET", "/api/images?limit=x")
-    assert status == 400 and "limit" in reply["error"]
+    for query in ["limit=x", "limit=1001", "offset=-1", "offset=999999"]:
+        status, reply = request(server, "GET", f"/api/images?{query}")
+        assert status == 422 and query.split("=")[0] in reply["error"], query
     big = json.dumps({"image_id": 1, "question": "x" * (serve.MAX_BODY + 10)})
     status, reply = request(server, "POST", "/api/answer", big)
     assert status == 413 and "at most" in reply["error"]
-    status, reply = request(server, "POST", "/api/answer", None)  # no Content-Length
-    assert status in (400, 411)
+    status, reply = request(server, "POST", "/api/answer", b"")
+    assert status == 400 and "malformed JSON" in reply["error"]
+    reply, _ = raw(server, b"POST /api/answer HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 411") and b"Content-Length is required" in reply
     status, reply = request(server, "POST", "/api/other", {})
     assert status == 404
     # and it keeps serving
@@ -104,6 +123,117 @@ def test_bad_paths_and_bodies(server):
     payload = {"image_id": entry["image_id"], "question": entry["question"]}
     status, body = request(server, "POST", "/api/answer", payload)
     assert status == 200 and body["answers"]
+
+
+def test_wrong_methods_get_json_405(server):
+    # was: GET on a POST route 404, PUT / DELETE an HTML 501 page
+    for method, path, allowed in [("GET", "/api/answer", "POST"), ("PUT", "/api/answer", "POST"),
+                                  ("DELETE", "/api/answer", "POST"), ("PUT", "/", "GET"),
+                                  ("DELETE", "/api/images", "GET"), ("PATCH", "/api/pictures",
+                                  "POST")]:  # fmt: skip
+        status, reply = request(server, method, path, b"{}" if method != "GET" else None)
+        assert status == 405 and "not allowed" in reply["error"] and allowed in reply["error"]
+    status, reply = request(server, "PUT", "/nothing", b"{}")
+    assert status == 404 and "no such page" in reply["error"]
+
+
+def test_question_must_be_sent_as_json(server):
+    entry = first_question(server[1])
+    body = json.dumps({"image_id": entry["image_id"], "question": entry["question"]})
+    for kind in ["text/plain", "application/x-www-form-urlencoded"]:
+        status, reply = request(server, "POST", "/api/answer", body, {"Content-Type": kind})
+        assert status == 415 and "application/json" in reply["error"]
+
+
+def raw(server, data: bytes, wait: float = 10.0) -> tuple[bytes, float]:
+    """Send `data` on a raw socket, then read until the server closes: (reply, seconds)."""
+    host, port = server[0].server_address[:2]
+    start = time.perf_counter()
+    with socket.create_connection((host, port), timeout=wait) as sock:
+        try:
+            sock.sendall(data)
+        except OSError:  # the server answered and closed before all was sent
+            pass
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks), time.perf_counter() - start
+
+
+def test_chunked_body_over_the_limit(server):
+    chunk = b"x" * 4096
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(4)) + b"0\r\n\r\n"
+    head = (b"POST /api/answer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+    reply, _ = raw(server, head + body)
+    assert reply.startswith(b"HTTP/1.1 413") and b"over 8192 bytes" in reply
+
+
+def test_malformed_http_gets_json_400(server):
+    reply, _ = raw(server, b"GARBAGE\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400") and b"application/json" in reply
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"].startswith("malformed HTTP")
+    huge = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000  # and never ended
+    reply, _ = raw(server, huge)  # headers over 16 KiB (h11 counts what arrived incomplete)
+    assert reply.startswith(b"HTTP/1.1 400") and b"malformed HTTP" in reply
+
+
+@pytest.fixture(scope="module")
+def impatient_server(server):
+    httpd = start(server[0].app, read_timeout=0.5)
+    yield httpd, server[1]
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_stalled_requests_are_cut_off(impatient_server):
+    # was: no read timeout, stalled uploads held connections open forever
+    stalled_headers = b"POST /api/answer HTTP/1.1\r\nHost: x\r\nContent-Len"
+    reply, seconds = raw(impatient_server, stalled_headers)
+    assert reply.startswith(b"HTTP/1.1 408") and b"headers did not arrive" in reply
+    assert seconds < 5
+    stalled_body = (b"POST /api/answer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 100\r\n\r\n{\"image_id\": 1")  # fmt: skip
+    reply, seconds = raw(impatient_server, stalled_body)
+    assert reply.startswith(b"HTTP/1.1 408") and b"the body did not arrive" in reply
+    assert b"application/json" in reply and seconds < 5
+    reply, seconds = raw(impatient_server, b"")  # a connection that sends nothing is closed
+    assert reply == b"" and seconds < 5
+    # many at once: all cut off, and it keeps serving
+    with ThreadPoolExecutor(32) as pool:
+        replies = list(pool.map(lambda _: raw(impatient_server, stalled_body)[0], range(32)))
+    assert all(r.startswith(b"HTTP/1.1 408") for r in replies)
+    entry = first_question(impatient_server[1])
+    payload = {"image_id": entry["image_id"], "question": entry["question"]}
+    assert request(impatient_server, "POST", "/api/answer", payload)[0] == 200
+
+
+def test_openapi_is_generated_from_the_models(server):
+    status, spec = request(server, "GET", "/openapi.json")
+    question = spec["paths"]["/api/answer"]["post"]["requestBody"]["content"]["application/json"]
+    schema = question["schema"]
+    assert schema["required"] == ["image_id", "question"]
+    assert schema["properties"]["top_k"]["maximum"] == serve.MAX_TOP_K
+    assert schema["properties"]["question"]["maxLength"] == serve.MAX_QUESTION
+    responses = spec["paths"]["/api/answer"]["post"]["responses"]
+    assert {"200", "400", "404", "413", "415", "422"} <= set(responses)
+    assert "Answer" in spec["components"]["schemas"] and "Error" in spec["components"]["schemas"]
+
+
+def test_page_offers_no_upload_when_uploads_are_off(server):
+    status, page = request(server, "GET", "/")
+    assert status == 200 and b"upload your own" not in page  # was offered on any data
+    assert b'id="upload-row" hidden' in page
+
+
+def test_port_in_use_is_one_line(server, capsys):
+    from ban.cli import main
+
+    host, port = server[0].server_address[:2]
+    run = server[0].app.predictor.data_dir.parent / "run"
+    assert main(["serve", str(run), "--host", host, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "port is in use" in err and "Traceback" not in err
 
 
 def test_concurrent_requests_are_queued(server):
@@ -163,8 +293,7 @@ def picture_server(tmp_path_factory):
     tiny = ["--set", "model.hidden=16", "--set", "model.glimpses=1", "--batch-size", "2"]
     argv = ["train", "--data", str(data), "--max-steps", "1", "--eval-split", "none"]
     assert main([*argv, "--out", str(run), "--quiet", *tiny]) == 0
-    httpd = serve.make_server(serve.load_app(run, data), "127.0.0.1", 0, quiet=True)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    httpd = start(serve.load_app(run, data))
     yield httpd, data
     httpd.shutdown()
     httpd.server_close()
@@ -173,6 +302,8 @@ def picture_server(tmp_path_factory):
 def test_upload_a_picture_and_ask_about_it(picture_server):
     status, listing = request(picture_server, "GET", "/api/images")
     assert status == 200 and listing["uploads"]["enabled"] and listing["uploads"]["reason"] is None
+    status, page = request(picture_server, "GET", "/")
+    assert b"upload your own" in page
     status, spec = request(picture_server, "GET", "/openapi.json")
     assert "image Content-Type" in spec["paths"]["/api/pictures"]["post"]["description"]
 
@@ -212,16 +343,44 @@ def test_upload_a_picture_and_ask_about_it(picture_server):
     assert status == 404 and "unknown image" in reply["error"]
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A valid PNG that claims `width x height` pixels (one row of data: it fails to decode)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    data = zlib.compress(b"\x00" * (1 + width))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    "size",
+    [(10_000, 5_000),  # over ours (40 Mpx), under Pillow's limits
+     (10_000, 10_000),  # Pillow's DecompressionBombWarning (89 Mpx)
+     (65_535, 65_535)],  # Pillow's DecompressionBombError (179 Mpx): was 400 with its message
+)  # fmt: skip
+def test_decompression_bombs_are_413(picture_server, size):
+    status, reply = request(picture_server, "POST", "/api/pictures", _png_header(*size),
+                            {"Content-Type": "image/png"})  # fmt: skip
+    assert status == 413 and f"{serve.MAX_UPLOAD_PIXELS} in all" in reply["error"]
+    assert "decompression bomb" not in reply["error"]
+
+
 def test_bad_uploads(picture_server):
     png = {"Content-Type": "image/png"}
     status, reply = request(picture_server, "POST", "/api/pictures", b"not a picture at all", png)
     assert status == 400 and "not a picture that decodes" in reply["error"]
+    assert "0x" not in reply["error"] and "BytesIO" not in reply["error"]  # was leaked
     status, reply = request(
         picture_server, "POST", "/api/pictures", b"\x89PNG\r\n\x1a\n broken", png
     )
     assert status == 400 and "not a picture that decodes" in reply["error"]
     status, reply = request(picture_server, "POST", "/api/pictures", b"", png)
-    assert status == 400
+    assert status == 400 and "the body is empty" in reply["error"]
     # over the limit: refused from the headers, before the body is read
     host, port = picture_server[0].server_address[:2]
     connection = http.client.HTTPConnection(host, port, timeout=30)
@@ -248,7 +407,7 @@ def test_uploads_are_bounded(picture_server, monkeypatch):
     assert len(set(ids)) == 3
     assert request(picture_server, "GET", f"/api/images/{ids[0]}.png")[0] == 404
     assert request(picture_server, "GET", f"/api/images/{ids[2]}.png")[0] == 200
-    app = picture_server[0].RequestHandlerClass.app
+    app = picture_server[0].app
     assert len(app.uploads) == 2 and ids[0] not in app.predictor._pictures
 
 

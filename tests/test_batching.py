@@ -1,0 +1,146 @@
+"""Batched answers (`Predictor.answer_batch`, `ban.serve.Batcher`): the same answers as one at a
+time, on different images with different box counts; batches bounded and a lone question not
+held back."""
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import ban
+from ban.data.features import Region, convert_features, write_tsv
+from ban.predict import Predictor
+from ban.serve import Batcher
+from ban.text import UNK, Dictionary
+
+BOX_COUNTS = {1: 10, 2: 17, 3: 36, 4: 23, 5: 12}  # image id -> boxes (the counter needs >= 10)
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch-data")
+    rng = np.random.default_rng(0)
+    regions = []
+    for image_id, n in BOX_COUNTS.items():
+        xy = rng.uniform(0, 300, (n, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(5, 100, (n, 2))], axis=1)
+        features = rng.random((n, 8), dtype=np.float32)
+        regions.append(Region(image_id, 400, 400, boxes.astype(np.float32), features))
+    write_tsv(root / "f.tsv", regions)
+    (root / "features").mkdir()
+    convert_features(root / "f.tsv", root / "features" / "val2014.h5", progress=False)
+    config = ban.preset("ban-8-vqa", vocab_size=12, embedding_dim=8, hidden=16, glimpses=3,
+                        num_answers=30, visual_dim=8)  # fmt: skip
+    torch.manual_seed(0)
+    model = ban.BAN(config).eval()
+    model.vocabulary = ["what", "is", "the", "color", "how", "many", "are", "there", "red",
+                        "cubes", "left", UNK]  # fmt: skip
+    model.answers = [f"answer{i}" for i in range(30)]
+    (root / "manifest.json").write_text("{}")
+    Dictionary(model.vocabulary).save(root / "dictionary.json")
+    (root / "answers.json").write_text(json.dumps(model.answers))
+    return Predictor(model, data=root)
+
+
+def test_a_batch_answers_as_singles(predictor):
+    questions = ["what is the color", "how many red cubes are there", "what is left of the cube",
+                 "how many", "what is the color", "is there a zebra"]  # fmt: skip
+    image_ids = [3, 1, 2, 4, 5, 3]
+    top_k, top_boxes = [5, 3, 30, 1, 5, 2], [3, 10, 1, 3, 5, 36]
+    batch = predictor.answer_batch(questions, image_ids, top_k, top_boxes)
+    assert len(batch) == len(questions)
+    for k, got in enumerate(batch):
+        want = predictor(questions[k], image_ids[k], top_k=top_k[k], top_boxes=top_boxes[k])
+        assert (got.question, got.image_id, got.tokens) == (want.question, want.image_id,
+                                                            want.tokens)  # fmt: skip
+        assert [a for a, _ in got.answers] == [a for a, _ in want.answers]
+        assert np.allclose([s for _, s in got.answers], [s for _, s in want.answers], atol=1e-5)
+        assert len(got.boxes) == len(want.boxes) == 3
+        for g, w in zip(got.boxes, want.boxes, strict=True):
+            assert len(g) == len(w) == min(top_boxes[k], BOX_COUNTS[image_ids[k]])
+            assert [b.index for b in g] == [b.index for b in w]  # never a padded box
+            assert [b.box for b in g] == [b.box for b in w]
+            assert np.allclose([b.weight for b in g], [b.weight for b in w], atol=1e-5)
+    # one question alone, and a batch of one image's questions, answer alike too
+    alone = predictor.answer_batch(questions[:1], image_ids[:1])[0]
+    assert alone.answers[0][0] == predictor(questions[0], image_ids[0]).answers[0][0]
+    assert predictor.answer_batch([], []) == []
+    with pytest.raises(ValueError, match="2 questions but 1 image ids"):
+        predictor.answer_batch(["a", "b"], [1])
+    with pytest.raises(KeyError, match="image 99"):
+        predictor.answer_batch(["a"], [99])
+
+
+def test_batcher_takes_what_queued_while_busy():
+    started, release, sizes = threading.Event(), threading.Event(), []
+
+    def answer(items):
+        sizes.append(len(items))
+        started.set()
+        release.wait(10)
+        return [ValueError("bad") if x == "bad" else x * 2 for x in items]
+
+    batcher = Batcher(answer, max_batch=4)
+    first = batcher.submit(1)
+    assert started.wait(10)  # a lone question goes at once, in a batch of its own
+    queued = [batcher.submit(x) for x in [2, 3, "bad", 5, 6, 7]]
+    release.set()
+    assert first.result(10) == 2
+    assert [f.result(10) for f in queued if f is not queued[2]] == [4, 6, 10, 12, 14]
+    with pytest.raises(ValueError, match="bad"):  # only the question at fault fails
+        queued[2].result(10)
+    assert sizes == [1, 4, 2]  # what queued meanwhile, at most max_batch at a time
+    assert (batcher.batches, batcher.questions) == (3, 7)
+    batcher.close()
+
+
+def test_batcher_waits_for_more_only_under_load():
+    gate, sizes = threading.Event(), []
+
+    def answer(items):
+        sizes.append(len(items))
+        gate.wait(10)
+        return items
+
+    batcher = Batcher(answer, max_batch=5, max_wait=2.0)
+    gate.set()
+    start = time.perf_counter()
+    assert batcher.submit("alone").result(10) == "alone"
+    assert time.perf_counter() - start < 1.5  # a lone question after a quiet spell goes at once
+    gate.clear()
+    busy = batcher.submit(0)
+    while len(sizes) < 2:  # the model is busy with question 0
+        time.sleep(0.01)
+    futures = [batcher.submit(k) for k in (1, 2, 3)]
+    gate.set()
+    time.sleep(0.3)  # the three queued meanwhile wait (at most 2 s) for more
+    start = time.perf_counter()
+    futures += [batcher.submit(k) for k in (4, 5)]
+    assert [f.result(10) for f in [busy, *futures]] == [0, 1, 2, 3, 4, 5]
+    assert time.perf_counter() - start < 1.5  # a full batch goes without waiting out the 2 s
+    assert sizes == [1, 1, 5]
+    batcher.close()
+    with pytest.raises(ValueError, match="max_batch"):
+        Batcher(lambda items: items, max_batch=0)
+
+
+def test_served_answers_are_those_of_one_at_a_time(predictor):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ban.serve import App, Question
+
+    batched, single = App(predictor, max_batch=16), App(predictor, max_batch=1)
+    asked = ["how many", "what is the color", "is there"] * 12
+    questions = [Question(image_id=1 + k % 5, question=q, top_k=3) for k, q in enumerate(asked)]
+    with ThreadPoolExecutor(12) as pool:
+        together = list(pool.map(batched.answer, questions))
+    apart = [single.answer(q) for q in questions]
+    for a, b in zip(together, apart, strict=True):
+        assert [x["answer"] for x in a["answers"]] == [x["answer"] for x in b["answers"]]
+        assert json.dumps(a["tokens"]) == json.dumps(b["tokens"])
+    assert single.batcher.batches == len(questions)
+    batched.batcher.close()
+    single.batcher.close()
