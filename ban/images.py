@@ -269,8 +269,9 @@ def extract_features(
     (checkpointed after every batch) and renamed to ``out_h5`` when whole: an extraction that
     stops (an error, Ctrl-C) and is run again with the same pictures and options goes on from
     where it stopped, without featurising the pictures already done. With ``reuse``, an
-    ``out_h5`` already made by the same extraction (same key) is kept as it is. Returns ``{"images", "boxes", "feature_dim",
-    "skipped": [(file name, reason)], "missing": ids asked for without a file}``.
+    ``out_h5`` already made by the same extraction (same key) is kept as it is. Returns
+    ``{"images", "boxes", "feature_dim", "skipped": [(file name, reason)], "missing": ids asked
+    for without a file}``.
     """
     files = list_images(images_dir)
     missing: list[int] = []
