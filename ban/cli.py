@@ -432,6 +432,7 @@ def _add_image_options(p) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="pictures per forward pass")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--fp16", action="store_true", help="store the features as float16")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _without_extra(function, *args, **kwargs):
@@ -465,6 +466,7 @@ def _run_features_extract(args) -> int:
         batch_size=args.batch_size,
         device=args.device,
         fp16=args.fp16,
+        progress=not args.quiet,
     )
     # each skipped picture has already been named in a warning by extract_features
     print(
@@ -483,6 +485,7 @@ def _add_data_commands(data) -> None:
     p.add_argument("--out", required=True, help="the .h5 file to write")
     p.add_argument("--image-ids", help="keep only the image ids listed in this file (one a line)")
     p.add_argument("--fp16", action="store_true", help="store the features as float16")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_convert_features)
 
     p = data.add_parser(
@@ -515,6 +518,7 @@ def _add_data_commands(data) -> None:
         action="store_true",
         help="drop questions whose image has no features instead of failing",
     )
+    p.add_argument("--quiet", action="store_true", help="no progress")
     p.set_defaults(func=_run_prepare)
 
     p = data.add_parser(
@@ -547,6 +551,7 @@ def _add_data_commands(data) -> None:
     p.add_argument(
         "--grid", type=int, default=4, help="with --features backbone: grid x grid regions (4)"
     )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_synth)
 
     p = data.add_parser(
@@ -594,6 +599,7 @@ def _run_from_images(args) -> int:
         glove=args.glove,
         fp16=args.fp16,
         allow_missing_images=args.allow_missing_images,
+        progress=not args.quiet,
     )
     print(f"prepared {out}")
     return 0
@@ -607,7 +613,9 @@ def _run_convert_features(args) -> int:
     ids = None
     if args.image_ids:
         ids = [int(line) for line in Path(args.image_ids).read_text().split() if line]
-    info = convert_features(args.tsv, args.out, image_ids=ids, fp16=args.fp16)
+    info = convert_features(
+        args.tsv, args.out, image_ids=ids, fp16=args.fp16, progress=not args.quiet
+    )
     print(f"wrote {args.out}: {info['images']} images, {info['boxes']} boxes")
     if info["missing"]:
         print(
@@ -631,6 +639,7 @@ def _run_prepare(args) -> int:
         use_vg=not args.no_vg,
         fp16=args.fp16,
         allow_missing_features=args.allow_missing_features,
+        progress=not args.quiet,
     )
     print(f"prepared {out}")
     return 0
@@ -661,7 +670,7 @@ def _run_synth(args) -> int:
         backbone=args.backbone,
         backbone_size=args.size,
         grid=args.grid,
-        progress=args.features == "backbone",
+        progress=not args.quiet,
         **{name: value for name, value in sizes.items() if value is not None},
     )
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s")

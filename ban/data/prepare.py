@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -150,8 +151,15 @@ def _source(path: Path) -> dict:
     return {"path": str(path), "bytes": path.stat().st_size}
 
 
-def _write_jsonl(path: Path, entries: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+def _write_jsonl(path: Path, entries: Iterable[dict]) -> None:
+    """One JSON object a line, written line by line (no copy of the whole text in memory)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for e in entries:
+                f.write(json.dumps(e, ensure_ascii=False) + "\n")
+
+    atomic_write(path, write)
 
 
 def _write_json(path: Path, data) -> None:
@@ -205,6 +213,7 @@ def prepare(
     say = print if progress else (lambda *a, **k: None)
 
     # 1. questions and annotations (all checked before the long feature conversion)
+    say(f"reading the questions and annotations of {', '.join(splits)}")
     questions = {s: load_questions(found["questions"][s]) for s in splits}
     annotations = {}
     for s in found["annotations"]:
@@ -214,6 +223,7 @@ def prepare(
         )
     vg_questions = vg_coco = None
     if use_vg and found["vg"] is not None:
+        say(f"reading Visual Genome QA from {found['vg']['vg questions'].parent}")
         vg_questions = load_vg_questions(found["vg"]["vg questions"])
         vg_coco = coco_ids(found["vg"]["vg images"])
 
@@ -244,6 +254,7 @@ def prepare(
         }
         for i in image_splits
     }
+    say(f"region features: {len(found['features'])} TSV file(s) -> {out_dir / 'features'}")
     converted = convert_features_many(found["features"], wanted, fp16=fp16, progress=progress)
     feature_info = {}
     feature_dim = None
@@ -341,6 +352,7 @@ def prepare(
     embeddings = None
     if found["glove"] is not None:
         glove_path = found["glove"]
+        say(f"GloVe: reading {glove_path}")
         weights, hits = read_glove(glove_path, dictionary.words)
         _save_npy(out_dir / "glove.npy", weights)
         # the release's tf-idf texts: VQA train, val and test2015 questions, then VG questions
