@@ -38,3 +38,23 @@ def test_scale_generators_write_what_prepare_reads(tmp_path):
     assert manifest["visual_genome"]["vg_train2014"]["questions"] == round(0.0002 * 1_445_322)
     assert manifest["embeddings"]["glove"]["words_found"] > 100
     assert scale.slope([1, 2, 4], [3, 6, 12]) == __import__("pytest").approx(1.0)
+
+
+@__import__("pytest").mark.parametrize("fix_idf", [False, True])
+def test_tfidf_counted_in_chunks_is_the_releases(fix_idf):
+    """tfidf_matrix counts pairs chunk by chunk (bounded memory at VQA v2 + VG size): the same
+    matrix as the release's one-list computation, its IDF bug included, however it is chunked."""
+    import numpy as np
+
+    from ban.text import Dictionary, tfidf_matrix
+    from tests.test_text import release_tfidf
+
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(40)]
+    texts = [" ".join(rng.choice(words, rng.integers(0, 9))) for i in range(300)]
+    d = Dictionary.build(texts[:100], release_unk=True)  # later texts bring extra words
+    expected, expected_extra = release_tfidf(texts, d.words, fix_idf)
+    for chunk in (7, 1000):
+        matrix, extra = tfidf_matrix(texts, d, fix_idf=fix_idf, chunk_texts=chunk)
+        assert extra == expected_extra
+        np.testing.assert_allclose(matrix.to_dense().numpy(), expected, rtol=1e-6, atol=1e-7)
