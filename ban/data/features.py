@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -365,12 +366,14 @@ def convert_features_many(
     fp16: bool = False,
     progress: bool = True,
     checkpoint_every: int = 2000,
+    checkpoint_seconds: float = 30.0,
 ) -> dict[Path, dict]:
     """One pass over the TSV files routing each image to the output(s) that want its id.
 
     ``outputs`` maps an HDF5 path to the set of image ids it should hold (``None``: every image).
     Each file is written to ``PATH.partial`` beside it and renamed at the end, so a file under
-    the final name is always whole. Every ``checkpoint_every`` TSV rows the partial files record
+    the final name is always whole. Every ``checkpoint_every`` TSV rows (or ``checkpoint_seconds``
+    seconds, whichever comes first) the partial files record
     how far they are; a run interrupted (an error, Ctrl-C, a full disk) and run again with the same
     TSV files, ids and options goes on from there instead of starting over. Images outside every
     set are skipped; an image seen twice keeps its first row (with a warning); a row with NaN or
@@ -406,7 +409,7 @@ def convert_features_many(
         bar.update(sum(sizes[: start[0]]) + start[1])
         if start > (0, 0, 0):
             bar.write(f"resuming from {tsv_paths[start[0]]} line {start[2] + 1}")
-        rows = 0
+        rows, next_checkpoint = 0, time.monotonic() + checkpoint_seconds
         for region, position in _read_from(tsv_paths, start, bar):
             rows += 1
             if dim is None:
@@ -424,9 +427,10 @@ def convert_features_many(
                     continue
                 seen[path].add(region.image_id)
                 writers[path].add(region)
-            if rows % checkpoint_every == 0:
+            if rows % checkpoint_every == 0 or time.monotonic() > next_checkpoint:
                 for writer in writers.values():
                     writer.checkpoint({"position": position})
+                next_checkpoint = time.monotonic() + checkpoint_seconds
         for writer in writers.values():
             writer.commit([str(p) for p in tsv_paths], dim or 0)
     except ValueError:  # bad input: the inputs must change, so nothing could be resumed
