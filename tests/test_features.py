@@ -280,3 +280,24 @@ def test_in_memory_says_and_checks_the_ram_it_takes(tmp_path, monkeypatch, capsy
     assert "into memory" in capsys.readouterr().err
     assert store._arrays is not None  # loaded before any DataLoader worker forks
     assert features.available_memory() > 0  # this machine's figure (/proc/meminfo)
+
+
+def test_partial_file_locked_by_another_process_is_left_alone(tmp_path, monkeypatch):
+    from ban.data.features import partial_path
+
+    write_tsv(tmp_path / "a.tsv", make_regions())
+    _interrupt_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        convert_features(tmp_path / "a.tsv", tmp_path / "f.h5", progress=False)
+    monkeypatch.undo()
+    opened = h5py.File
+
+    def locked(name, mode="r", *args, **kwargs):  # what HDF5 says while another process writes
+        if str(name).endswith(".partial") and mode == "a":
+            raise BlockingIOError(11, "unable to lock file")
+        return opened(name, mode, *args, **kwargs)
+
+    monkeypatch.setattr(h5py, "File", locked)
+    with pytest.raises(ValueError, match=r"f\.h5\.partial: another process is writing this file"):
+        convert_features(tmp_path / "a.tsv", tmp_path / "f.h5", progress=False)
+    assert partial_path(tmp_path / "f.h5").exists()  # not deleted under the other process

@@ -216,6 +216,11 @@ class _Writer:
             return None
         try:
             f = h5py.File(self.tmp, "a")
+        except BlockingIOError:  # HDF5's file lock: a conversion running now owns this file
+            raise ValueError(
+                f"{self.tmp}: another process is writing this file now (HDF5 file lock); wait "
+                f"for it to finish, or stop it, before writing {self.path}"
+            ) from None
         except OSError as error:
             warnings.warn(
                 f"{self.tmp}: partial file does not open ({error}); starting over", stacklevel=3
@@ -399,7 +404,13 @@ def convert_features_many(
         # and an output skips the rows before its own
         starts: dict[Path, tuple[int, int, int]] = {}
         for path in wanted:
-            writer = writers[path] = _Writer(path, fp16, keys[path])
+            try:
+                writer = writers[path] = _Writer(path, fp16, keys[path])
+            except ValueError:  # another process owns a partial file: leave every file as it is
+                for opened in writers.values():
+                    opened.close()
+                writers.clear()
+                raise
             state = writer.resumed or {}
             starts[path] = tuple(state.get("position", (0, 0, 0)))
             seen[path] = set(writer.done_ids().tolist())
