@@ -7,8 +7,8 @@ memory of the largest process (`ru_maxrss` from wait4, DataLoader workers includ
 written; then the growth exponent (log-log slope of time and memory against images or questions)
 and the extrapolation to the real size.
 
-    python benchmarks/scale.py                              # the default sizes (~50 min on 2 busy cores)
-    python benchmarks/scale.py --steps prepare --questions 0.05 0.1 0.2  # one step, quick
+    python benchmarks/scale.py                     # the default sizes (~50 min on 2 busy cores)
+    python benchmarks/scale.py --steps questions --questions 0.05 0.1 0.2  # one step, quick
     python benchmarks/scale.py --features 0.002 0.004 0.008 --pictures 24 48 96 --json out.json
 
 Sizes: `--features F...` fractions of the 123,287 COCO trainval images at 36 x 2048 (synth,
