@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ban.files import atomic_write_text
 from ban.text import Dictionary, tokenize
 
 SPLITS = ("train", "val", "test")
@@ -332,8 +331,7 @@ def prepare_flickr(
         weights, _ = read_glove(candidates[0], dictionary.words)
         np.save(out_dir / "glove.npy", weights.astype(np.float32))
         manifest["glove"] = str(candidates[0])
-    # written last and whole: a directory without it is incomplete
-    atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return out_dir
 
 
