@@ -191,6 +191,15 @@ def _compact(annotations: dict[int, dict]) -> dict[int, dict]:
     }
 
 
+_read_annotations = load_annotations  # ban.data.vqa's
+
+
+def load_annotations(path: str | Path) -> dict[int, dict]:
+    """:func:`ban.data.vqa.load_annotations`, made compact (:func:`_compact`) as each file is read,
+    so that only one file's parsed JSON is held at a time."""
+    return _compact(_read_annotations(path))
+
+
 def prepare(
     raw_dir: str | Path,
     out_dir: str | Path,
@@ -230,7 +239,6 @@ def prepare(
     say = print if progress else (lambda *a, **k: None)
 
     # 1. questions and annotations (all checked before the long feature conversion)
-    say(f"reading the questions and annotations of {', '.join(splits)}")
     questions = {s: load_questions(found["questions"][s]) for s in splits}
     annotations = {}
     for s in found["annotations"]:
@@ -238,7 +246,6 @@ def prepare(
         match_annotations(
             questions[s], annotations[s], found["questions"][s], found["annotations"][s]
         )
-        annotations[s] = _compact(annotations[s])
     vg_questions = vg_coco = None
     if use_vg and found["vg"] is not None:
         say(f"reading Visual Genome QA from {found['vg']['vg questions'].parent}")
