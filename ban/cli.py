@@ -531,6 +531,7 @@ def _add_image_options(p) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="pictures per forward pass")
     _add_device(p)
     p.add_argument("--fp16", action="store_true", help="store the features as float16")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _without_extra(function, *args, **kwargs):
@@ -564,6 +565,7 @@ def _run_features_extract(args) -> int:
         batch_size=args.batch_size,
         device=_device(args),
         fp16=args.fp16,
+        progress=not args.quiet,
     )
     # each skipped picture has already been named in a warning by extract_features
     print(
@@ -582,6 +584,7 @@ def _add_data_commands(data) -> None:
     p.add_argument("--out", required=True, help="the .h5 file to write")
     p.add_argument("--image-ids", help="keep only the image ids listed in this file (one a line)")
     p.add_argument("--fp16", action="store_true", help="store the features as float16")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_convert_features)
 
     p = data.add_parser(
@@ -627,6 +630,7 @@ def _add_data_commands(data) -> None:
         action="store_true",
         help="drop questions whose image has no features instead of failing",
     )
+    p.add_argument("--quiet", action="store_true", help="no progress")
     p.set_defaults(func=_run_prepare)
 
     p = data.add_parser(
@@ -660,6 +664,7 @@ def _add_data_commands(data) -> None:
     p.add_argument(
         "--grid", type=int, default=4, help="with --features backbone: grid x grid regions (4)"
     )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_synth)
 
     p = data.add_parser(
@@ -707,6 +712,7 @@ def _run_from_images(args) -> int:
         glove=args.glove,
         fp16=args.fp16,
         allow_missing_images=args.allow_missing_images,
+        progress=not args.quiet,
     )
     print(f"prepared {out}")
     return 0
@@ -728,7 +734,9 @@ def _run_convert_features(args) -> int:
                     raise ValueError(
                         f"{args.image_ids}:{n}: expected an image id (an integer), got {line!r}"
                     ) from None
-    info = convert_features(args.tsv, args.out, image_ids=ids, fp16=args.fp16)
+    info = convert_features(
+        args.tsv, args.out, image_ids=ids, fp16=args.fp16, progress=not args.quiet
+    )
     print(f"wrote {args.out}: {info['images']} images, {info['boxes']} boxes")
     if info["missing"]:
         print(
@@ -754,6 +762,7 @@ def _run_prepare(args) -> int:
         use_vg=not args.no_vg,
         fp16=args.fp16,
         allow_missing_features=args.allow_missing_features,
+        progress=not args.quiet,
     )
     print(f"prepared {out}")
     return 0
@@ -784,7 +793,7 @@ def _run_synth(args) -> int:
         backbone=args.backbone,
         backbone_size=args.size,
         grid=args.grid,
-        progress=args.features == "backbone",
+        progress=not args.quiet,
         **{name: value for name, value in sizes.items() if value is not None},
     )
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s")

@@ -23,6 +23,7 @@ Image ids come from file names: the **last run of digits** in the name without i
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -37,7 +38,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from ban.data.features import Region, _Writer
+from ban.data.features import Region, _Writer, check_finite, resume_key
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DEFAULT_BACKBONE = "efficientnet-lite0"
@@ -260,13 +261,19 @@ def extract_features(
     image_ids: Iterable[int] | None = None,
     fp16: bool = False,
     progress: bool = True,
+    reuse: bool = False,
 ) -> dict:
     """Featurise the pictures of ``images_dir`` into ``out_h5`` (layout of ban.data.features).
 
     Ids come from file names (:func:`image_id_from_name`); ``image_ids`` keeps only those. A file
-    that does not decode is skipped with a warning naming it. The file is written under a
-    temporary name and renamed at the end. Returns ``{"images", "boxes", "feature_dim",
-    "skipped": [(file name, reason)], "missing": ids asked for without a file}``.
+    that does not decode is skipped with a warning naming it; a backbone output with NaN or Inf
+    values is an error naming the file. The work is kept in ``OUT.partial`` beside ``out_h5``
+    (checkpointed after every batch) and renamed to ``out_h5`` when whole: an extraction that
+    stops (an error, Ctrl-C) and is run again with the same pictures and options goes on from
+    where it stopped, without featurising the pictures already done. With ``reuse``, an
+    ``out_h5`` already made by the same extraction (same key) is kept as it is. Returns
+    ``{"images", "boxes", "feature_dim", "skipped": [(file name, reason)], "missing": ids asked
+    for without a file}``.
     """
     files = list_images(images_dir)
     missing: list[int] = []
@@ -275,41 +282,74 @@ def extract_features(
         missing = sorted(wanted - set(files))
         files = {i: p for i, p in files.items() if i in wanted}
     extractor = FeatureExtractor(backbone, size, grid, device)
-    writer = _Writer(Path(out_h5), fp16)
-    skipped: list[tuple[str, str]] = []
+    key = extraction_key(extractor, files, fp16)
+    if reuse and Path(out_h5).is_file():
+        with h5py.File(out_h5, "r") as f:
+            if f.attrs.get("resume_key") == key:  # made by this same extraction: nothing to do
+                return {
+                    "images": int(f["image_ids"].shape[0]),
+                    "boxes": int(f["image_features"].shape[0]),
+                    "feature_dim": int(f["image_features"].shape[1]),
+                    "skipped": [tuple(x) for x in json.loads(f.attrs.get("skipped", "[]"))],
+                    "missing": missing,
+                }
+    writer = _Writer(Path(out_h5), fp16, key)
+    done = set(writer.done_ids().tolist())
+    skipped: list[tuple[str, str]] = [tuple(x) for x in (writer.resumed or {}).get("skipped", [])]
     bar = tqdm(total=len(files), unit="img", desc="features", disable=not progress)
-    dim = 0
+    if done:
+        bar.write(f"resuming {writer.tmp}: {len(done)} of {len(files)} pictures already done")
+    bar.update(len(done) + len(skipped))
+    dim = writer.dim or 0
     try:
-        items = list(files.items())
-        for start in range(0, len(items), max(1, batch_size)):
-            pictures, ids = [], []
-            for image_id, path in items[start : start + batch_size]:
+        todo = [(i, p) for i, p in files.items() if i not in done and p.name not in dict(skipped)]
+        for start in range(0, len(todo), max(1, batch_size)):
+            batch = todo[start : start + max(1, batch_size)]
+            pictures, ids, names = [], [], []
+            for image_id, path in batch:
                 try:
                     pictures.append(load_image(path))
                     ids.append(image_id)
+                    names.append(path)
                 except ValueError as error:
                     skipped.append((path.name, str(error)))
                     warnings.warn(f"skipped {error}", stacklevel=2)
-            for region in extractor.regions(pictures, ids):
+            for region, path in zip(extractor.regions(pictures, ids), names, strict=True):
+                check_finite(region.features, f"{path} (image_id {region.image_id})")
                 dim = region.features.shape[1]
                 writer.add(region)
-            bar.update(len(items[start : start + batch_size]))
+            writer.checkpoint({"skipped": skipped})  # a rerun goes on from here
+            bar.update(len(batch))
         writer.commit([p.name for p in files.values()], dim)
-    except BaseException:
+    except ValueError:  # bad input or backbone: a rerun could not go on from here
         writer.abort()
+        raise
+    except BaseException:
+        writer.close()  # the partial file stays beside out_h5: a rerun goes on from it
         raise
     finally:
         bar.close()
     with h5py.File(out_h5, "a") as f:  # how the features were made, for featurising new pictures
-        for key, value in extractor.info().items():
-            f.attrs[f"extractor_{key}"] = value
+        for k, value in extractor.info().items():
+            f.attrs[f"extractor_{k}"] = value
+        f.attrs["resume_key"] = key
+        f.attrs["skipped"] = json.dumps(skipped[:1000])
     return {
-        "images": len(writer.ids),
+        "images": writer.images,
         "boxes": writer.rows,
         "feature_dim": dim,
         "skipped": skipped,
         "missing": missing,
     }
+
+
+def extraction_key(extractor: FeatureExtractor, files: dict[int, Path], fp16: bool) -> str:
+    """What an extraction is made from: the extractor, the options and the pictures (names,
+    sizes, times), as a digest (:func:`ban.data.features.resume_key`)."""
+    listing = [
+        (i, str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for i, p in files.items()
+    ]
+    return resume_key("images", extractor.info(), fp16, listing)
 
 
 def extractor_info(h5_path: str | os.PathLike) -> dict | None:

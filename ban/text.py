@@ -168,6 +168,12 @@ def read_glove(path: str | Path, words: Sequence[str]) -> tuple[np.ndarray, int]
                 raise ValueError(f"{path}:{line_no}: not UTF-8 ({error})") from error
             if not line.strip():
                 continue
+            if dim is not None and line.count(" ") == dim and line[-1] != " ":
+                # one word and dim numbers: skip a word not asked for without splitting its
+                # numbers (most of a 400,000-word file)
+                i = index.get(line[: line.index(" ")])
+                if i is None or found[i]:
+                    continue
             parts = line.rstrip(" ").split(" ")
             if dim is None:
                 if line_no == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
@@ -199,8 +205,11 @@ def glove_init(dictionary: Dictionary, glove_path: str | Path) -> np.ndarray:
     return read_glove(glove_path, dictionary.words)[0]
 
 
+_PREFIX_MARGIN = 1_000_000
+
+
 def tfidf_matrix(
-    texts: Iterable[str], dictionary: Dictionary, fix_idf: bool = False
+    texts: Iterable[str], dictionary: Dictionary, fix_idf: bool = False, chunk_texts: int = 200_000
 ) -> tuple[torch.Tensor, list[str]]:
     """The release's row-stochastic co-occurrence matrix ``T [V, V']`` (``tfidf_from_questions``).
 
@@ -221,11 +230,40 @@ def tfidf_matrix(
     Returns ``(T, extra_words)`` with ``T`` a coalesced float32 sparse tensor of size
     ``[len(dictionary), len(dictionary) + len(extra_words)]``.
     """
+    # Memory and time: the (row, column) pairs are counted chunk by chunk (texts of one length
+    # at a time, vectorised), so memory grows with the distinct pairs, not with the ~10^8 pairs
+    # of VQA v2 + Visual Genome; the release's bug needs only the first `total` pairs in order.
     n = len(dictionary)
     word2idx = dict(dictionary.word2idx)
     extra: list[str] = []
-    rows_chunks, cols_chunks = [], []
     df: dict[int, int] = {}
+    prefix_rows: list[np.ndarray] = []  # the first pairs, in the release's order (its IDF bug)
+    prefix_cols: list[np.ndarray] = []
+    prefix_len = 0
+    pending: dict[int, list[list[int]]] = {}
+    pending_texts = 0
+    keys = np.zeros(0, dtype=np.int64)  # row << 32 | column, sorted and unique
+    counts = np.zeros(0, dtype=np.int64)
+
+    def count_pending() -> None:
+        nonlocal keys, counts, pending, pending_texts
+        parts_k, parts_c = [keys], [counts]
+        for length, token_lists in pending.items():
+            t = np.asarray(token_lists, dtype=np.int64)  # [m, L]
+            a, b = np.triu_indices(length, 1)
+            first, second = t[:, a].reshape(-1), t[:, b].reshape(-1)
+            r = np.concatenate([first, second])
+            c = np.concatenate([second, first])
+            keep = r < n
+            k, cnt = np.unique((r[keep] << 32) | c[keep], return_counts=True)
+            parts_k.append(k)
+            parts_c.append(cnt)
+        merged = np.concatenate(parts_k)
+        keys, inverse = np.unique(merged, return_inverse=True)
+        counts = np.bincount(inverse, weights=np.concatenate(parts_c), minlength=len(keys))
+        counts = counts.astype(np.int64)
+        pending, pending_texts = {}, 0
+
     for text in texts:
         tokens = []
         for word in tokenize(text):
@@ -237,35 +275,51 @@ def tfidf_matrix(
             df[i] = df.get(i, 0) + 1
         if len(tokens) < 2:
             continue
-        t = np.asarray(tokens, dtype=np.int64)
-        a, b = np.triu_indices(len(t), 1)  # itertools.combinations order
-        first, second = t[a], t[b]
-        # entries (c0, c1) then (c1, c0), each only when its row is a dictionary word
-        r = np.stack([first, second], axis=1).reshape(-1)
-        c = np.stack([second, first], axis=1).reshape(-1)
-        keep = r < n
-        rows_chunks.append(r[keep])
-        cols_chunks.append(c[keep])
+        if prefix_len < n + len(extra) + _PREFIX_MARGIN:
+            t = np.asarray(tokens, dtype=np.int64)
+            a, b = np.triu_indices(len(t), 1)  # itertools.combinations order
+            first, second = t[a], t[b]
+            # entries (c0, c1) then (c1, c0), each only when its row is a dictionary word
+            r = np.stack([first, second], axis=1).reshape(-1)
+            c = np.stack([second, first], axis=1).reshape(-1)
+            keep = r < n
+            prefix_rows.append(r[keep])
+            prefix_cols.append(c[keep])
+            prefix_len += int(keep.sum())
+        pending.setdefault(len(tokens), []).append(tokens)
+        pending_texts += 1
+        if pending_texts >= chunk_texts:
+            count_pending()
+    count_pending()
     total = n + len(extra)
-    if not rows_chunks:
+    if not len(keys):
         return torch.sparse_coo_tensor(
             torch.zeros(2, 0, dtype=torch.long), torch.zeros(0), (n, total), check_invariants=True
         ).coalesce(), extra
-    rows = np.concatenate(rows_chunks)
-    cols = np.concatenate(cols_chunks)
+    rows, cols = keys >> 32, keys & 0xFFFFFFFF
     freq = np.zeros(total, dtype=np.float64)
     for i, count in df.items():
         freq[i] = count
-    vals = np.ones(len(cols), dtype=np.float64)
     if fix_idf:
-        vals /= freq[cols]
+        weight = counts / freq[cols]  # the summed weights of each (row, column)'s entries
     else:
-        # the release: `for idx, col in enumerate(cols): vals[col] /= df[col]`, in order
-        hit = cols[cols < len(vals)]
-        np.divide.at(vals, hit, freq[hit])
-    z = np.bincount(rows, weights=vals, minlength=n)
+        # the release: `for idx, col in enumerate(cols): vals[col] /= df[col]`, in order: the
+        # entry at position j < total is divided by freq[j] once per entry of column j
+        weight = counts.astype(np.float64)
+        prefix_r = np.concatenate(prefix_rows)
+        prefix_c = np.concatenate(prefix_cols)
+        all_entries = int(counts.sum())
+        head = min(total, all_entries)
+        if len(prefix_r) < head:
+            raise RuntimeError(f"tfidf_matrix: more than {_PREFIX_MARGIN} words not in GloVe")
+        per_column = np.bincount(cols, weights=counts, minlength=total)
+        j = np.arange(head)
+        divided = freq[j] ** -per_column[j]
+        at = np.searchsorted(keys, (prefix_r[:head] << 32) | prefix_c[:head])
+        np.add.at(weight, at, divided - 1.0)
+    z = np.bincount(rows, weights=weight, minlength=n)
     with np.errstate(divide="ignore", invalid="ignore"):
-        vals = np.where(z[rows] > 0, vals / z[rows], 0.0)
+        vals = np.where(z[rows] > 0, weight / z[rows], 0.0)
     indices = torch.from_numpy(np.stack([rows, cols]))
     matrix = torch.sparse_coo_tensor(
         indices, torch.from_numpy(vals), (n, total), check_invariants=True

@@ -86,7 +86,7 @@ def test_paper_schedule_epoch_by_epoch():
 
 def test_config_layers_and_errors(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("preset: ban-8-vqa\nepochs: 3\nmodel_overrides: {glimpses: 4}\n")
+    path.write_text("recipe: vqa-paper\nepochs: 3\nmodel_overrides: {glimpses: 4}\n")
     config = configs.resolve(None, path, {"lr": 5e-4, "model.hidden": 64})
     assert (config.model, config.epochs, config.lr) == ("ban-8-vqa", 3, 5e-4)
     assert config.model_overrides == {"glimpses": 4, "hidden": 64}

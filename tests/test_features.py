@@ -164,3 +164,140 @@ def test_store_open_in_the_parent_still_reads_in_workers(tmp_path):
     store.close()
     assert store._file is None and store._datasets is None
     np.testing.assert_array_equal(store[ids[2]][0], regions[2].features)  # and reopens
+
+
+def test_many_long_source_names_fit(tmp_path):
+    """HDF5 attributes hold at most 64 KiB: 20,000 long source names used to fail at commit
+    ("object header message is too large") after all the work was done."""
+    from ban.data.features import _Writer
+
+    names = [f"COCO_train2014_{i:012d}_{'x' * 60}.jpg" for i in range(20_000)]
+    writer = _Writer(tmp_path / "f.h5", fp16=False)
+    for r in make_regions():
+        writer.add(r)
+    writer.commit(names, DIM)
+    with h5py.File(tmp_path / "f.h5") as f:
+        assert [s.decode() for s in f["sources"][[0, -1]]] == [names[0], names[-1]]
+        assert len(f["sources"]) == 20_000
+    assert len(FeatureStore(tmp_path / "f.h5")) == 4
+
+
+def _interrupt_after(monkeypatch, k):
+    """Make the k+1-th parsed TSV row raise, as a crash in the middle of a conversion; returns
+    the list of image ids parsed (to check what a rerun recomputes)."""
+    import ban.data.features as features
+
+    parse, parsed = features._parse_row, []
+
+    def failing(row, path, line_no):
+        if k is not None and len(parsed) == k:
+            raise KeyboardInterrupt("injected")
+        region = parse(row, path, line_no)
+        parsed.append(region.image_id)
+        return region
+
+    monkeypatch.setattr(features, "_parse_row", failing)
+    return parsed
+
+
+def test_interrupted_conversion_resumes(tmp_path, monkeypatch):
+    from ban.data.features import convert_features_many, partial_path
+
+    regions = make_regions(ids=tuple(range(1, 21)), boxes=(3, 5) * 10)
+    write_tsv(tmp_path / "a.tsv", regions[:12])
+    write_tsv(tmp_path / "b.tsv", regions[12:])
+    tsvs = [tmp_path / "a.tsv", tmp_path / "b.tsv"]
+    outputs = {tmp_path / "odd.h5": range(1, 21, 2), tmp_path / "all.h5": None}
+    whole = convert_features_many(
+        tsvs, {tmp_path / "ref" / k.name: v for k, v in outputs.items()}, progress=False
+    )
+    parsed = _interrupt_after(monkeypatch, 14)
+    with pytest.raises(KeyboardInterrupt):
+        convert_features_many(tsvs, outputs, progress=False, checkpoint_every=4)
+    assert not (tmp_path / "all.h5").exists() and partial_path(tmp_path / "all.h5").exists()
+    parsed.clear()
+    monkeypatch.undo()
+    parsed = _interrupt_after(monkeypatch, None)
+    info = convert_features_many(tsvs, outputs, progress=False, checkpoint_every=4)
+    assert parsed == list(range(13, 21))  # rows 1-12 were checkpointed: not decoded again
+    assert not partial_path(tmp_path / "all.h5").exists()
+    assert info == {tmp_path / k.name: v for k, v in whole.items()}
+    for name in ("odd.h5", "all.h5"):
+        with h5py.File(tmp_path / name) as a, h5py.File(tmp_path / "ref" / name) as b:
+            assert set(a) == set(b)
+            for key in b:
+                np.testing.assert_array_equal(a[key][()], b[key][()])
+
+
+def test_partial_file_of_other_inputs_starts_over(tmp_path, monkeypatch):
+    from ban.data.features import partial_path
+
+    write_tsv(tmp_path / "a.tsv", make_regions())
+    _interrupt_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        convert_features(tmp_path / "a.tsv", tmp_path / "f.h5", progress=False)
+    monkeypatch.undo()
+    assert partial_path(tmp_path / "f.h5").exists()
+    with pytest.warns(UserWarning, match="other inputs or options; starting over"):
+        info = convert_features(tmp_path / "a.tsv", tmp_path / "f.h5", fp16=True, progress=False)
+    assert info["images"] == 4 and FeatureStore(tmp_path / "f.h5")[14][0].shape == (7, DIM)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_features_refused_at_conversion(tmp_path, bad):
+    regions = make_regions()
+    regions[2].features[1, 3] = bad
+    write_tsv(tmp_path / "a.tsv", regions)
+    with pytest.raises(ValueError, match=r"a\.tsv:3 \(image_id 13\): features hold non-finite"):
+        convert_features(tmp_path / "a.tsv", tmp_path / "f.h5", progress=False)
+    assert not (tmp_path / "f.h5").exists()
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_non_finite_features_refused_at_loading(tmp_path, in_memory):
+    write_tsv(tmp_path / "a.tsv", make_regions())
+    convert_features(tmp_path / "a.tsv", tmp_path / "f.h5", progress=False)
+    with h5py.File(tmp_path / "f.h5", "a") as f:  # a file written by something else
+        f["image_features"][6, 0] = np.inf
+    store = FeatureStore(tmp_path / "f.h5", in_memory=in_memory)
+    assert store[11][0].shape == (5, DIM)
+    with pytest.raises(ValueError, match=r"f\.h5: image_id 12: features hold non-finite"):
+        store[12]
+
+
+def test_in_memory_says_and_checks_the_ram_it_takes(tmp_path, monkeypatch, capsys):
+    import ban.data.features as features
+
+    write_tsv(tmp_path / "a.tsv", make_regions())
+    convert_features(tmp_path / "a.tsv", tmp_path / "f.h5", progress=False)
+    need = 20 * (DIM + 6 + 4) * 4
+    assert FeatureStore(tmp_path / "f.h5").memory_needed() == need
+    monkeypatch.setattr(features, "available_memory", lambda: need - 1)
+    with pytest.raises(MemoryError, match=r"in_memory needs 0\.0 MiB .* 0\.0 MiB are available"):
+        FeatureStore(tmp_path / "f.h5", in_memory=True)
+    monkeypatch.setattr(features, "available_memory", lambda: need)
+    store = FeatureStore(tmp_path / "f.h5", in_memory=True)
+    assert "into memory" in capsys.readouterr().err
+    assert store._arrays is not None  # loaded before any DataLoader worker forks
+    assert features.available_memory() > 0  # this machine's figure (/proc/meminfo)
+
+
+def test_partial_file_locked_by_another_process_is_left_alone(tmp_path, monkeypatch):
+    from ban.data.features import partial_path
+
+    write_tsv(tmp_path / "a.tsv", make_regions())
+    _interrupt_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        convert_features(tmp_path / "a.tsv", tmp_path / "f.h5", progress=False)
+    monkeypatch.undo()
+    opened = h5py.File
+
+    def locked(name, mode="r", *args, **kwargs):  # what HDF5 says while another process writes
+        if str(name).endswith(".partial") and mode == "a":
+            raise BlockingIOError(11, "unable to lock file")
+        return opened(name, mode, *args, **kwargs)
+
+    monkeypatch.setattr(h5py, "File", locked)
+    with pytest.raises(ValueError, match=r"f\.h5\.partial: another process is writing this file"):
+        convert_features(tmp_path / "a.tsv", tmp_path / "f.h5", progress=False)
+    assert partial_path(tmp_path / "f.h5").exists()  # not deleted under the other process

@@ -171,7 +171,7 @@ def test_last_batch_of_one_and_predictions(prepared):
 
 def test_tiny_end_to_end_train_and_evaluate(prepared, tmp_path, capsys):
     config = configs.resolve(
-        "ban-flickr-small",
+        "flickr-small",
         overrides={
             "data": str(prepared),
             "epochs": 2,

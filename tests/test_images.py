@@ -243,3 +243,71 @@ def test_from_images_reports_missing_and_corrupt_pictures(pictures, tmp_path, sc
     assert main([*argv, "--out", str(tmp_path / "run"), *tiny]) == 0
     with pytest.raises(ValueError, match="annotations"):
         from_images(pictures, q, tmp_path / "d4", **opts)
+
+
+class _Counting(nn.Module):
+    """The tiny network, counting the pictures it sees; raises after `fail_after` of them (an
+    injected crash in the middle of an extraction)."""
+
+    def __init__(self, fail_after=None):
+        super().__init__()
+        self.net, self.seen, self.fail_after = _tiny_net(), 0, fail_after
+
+    def forward(self, x):
+        if self.fail_after is not None and self.seen + len(x) > self.fail_after:
+            raise KeyboardInterrupt("injected")
+        self.seen += len(x)
+        return self.net(x)
+
+
+def test_interrupted_extraction_resumes(tmp_path):
+    from ban.data.features import partial_path
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(1, 12):
+        _draw(folder / f"{i}.png", (40 + 3 * i, 50), COLORS[1 + i % 3])
+    opts = {"size": 64, "grid": 4, "batch_size": 2, "progress": False}
+    extract_features(folder, tmp_path / "ref.h5", backbone=_Counting(), **opts)
+    out = tmp_path / "f.h5"
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(folder, out, backbone=_Counting(fail_after=6), **opts)
+    assert not out.exists() and partial_path(out).exists()
+    again = _Counting()
+    info = extract_features(folder, out, backbone=again, **opts)
+    assert again.seen == 11 - 6  # the 6 pictures done before the crash are not featurised again
+    assert info["images"] == 11 and not partial_path(out).exists()
+    with h5py.File(out) as a, h5py.File(tmp_path / "ref.h5") as b:
+        for key in ("image_features", "image_bb", "spatial_features", "pos_boxes", "image_ids"):
+            np.testing.assert_allclose(a[key][()], b[key][()], rtol=1e-6)
+
+
+def test_non_finite_backbone_output_refused(pictures, tmp_path):
+    class Broken(nn.Module):
+        def forward(self, x):
+            return torch.full((len(x), 4, 2, 2), float("nan"))
+
+    with pytest.raises(ValueError, match=r"pic_1\.png \(image_id 1\): features hold non-finite"):
+        extract_features(pictures, tmp_path / "f.h5", backbone=Broken(), size=64, progress=False)
+
+
+def test_from_images_keeps_the_extraction_when_a_later_step_fails(pictures, tmp_path, monkeypatch):
+    import ban.data.from_images as module
+
+    q, a = _vqa_json(tmp_path, [1, 2, 3])
+    opts = {"size": 64, "grid": 4, "progress": False}
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("injected after the extraction")
+
+    monkeypatch.setattr(module, "prepare", crash)
+    first = _Counting()
+    with pytest.raises(KeyboardInterrupt):
+        module.from_images(pictures, q, tmp_path / "d", a, backbone=first, **opts)
+    assert first.seen == 3 and not (tmp_path / "d").exists()
+    monkeypatch.undo()
+    again = _Counting()
+    module.from_images(pictures, q, tmp_path / "d", a, backbone=again, **opts)
+    assert again.seen == 0  # the 3 pictures were not featurised again
+    assert FeatureStore(tmp_path / "d" / "features" / "train2014.h5")[2][0].shape == (16, 8)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".d.")] == []

@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
 import os
+import sys
+import time
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -94,6 +98,8 @@ def _parse_row(row: list[bytes], path: Path, line_no: int) -> Region:
         raise ValueError(f"{where}: image_w and image_h must be positive, got {row[1]}, {row[2]}")
     boxes = _decode(row[4], 4, num_boxes, "boxes", where)
     features = _decode(row[5], None, num_boxes, "features", where)
+    check_finite(boxes, where, "boxes")
+    check_finite(features, where)
     return Region(image_id, values["image_w"], values["image_h"], boxes, features)
 
 
@@ -143,23 +149,105 @@ def write_tsv(path: str | Path, regions: Iterable[Region]) -> None:
             f.write(encode_row(region))
 
 
-class _Writer:
-    """Appends images to one HDF5 file under a temporary name; `commit` renames it into place."""
+def partial_path(path: str | Path) -> Path:
+    """Where the work on ``path`` is kept until it is whole: ``PATH.partial`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
 
-    def __init__(self, path: Path, fp16: bool, buffer_boxes: int = 4096) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        self.file = h5py.File(self.tmp, "w")
+
+def resume_key(*parts) -> str:
+    """A short digest of what a file is made from (inputs and options): a partial file is
+    resumed only by a run whose key is the same."""
+    return hashlib.sha256(json.dumps(parts, default=str).encode("utf-8")).hexdigest()[:32]
+
+
+def check_finite(array: np.ndarray, where: str, field: str = "features") -> None:
+    """``ValueError`` naming ``where`` (file, line, image id) when ``array`` holds NaN or Inf."""
+    if not np.isfinite(array).all():
+        bad = np.argwhere(~np.isfinite(array))[0]
+        value = array[tuple(bad)]
+        raise ValueError(
+            f"{where}: {field} hold non-finite values ({value} at row {int(bad[0])}); "
+            "NaN or Inf features would train a NaN model"
+        )
+
+
+class _Writer:
+    """Appends images to ``PATH.partial`` beside the target; ``commit`` renames it into place.
+
+    Everything written so far is in the partial file; :meth:`checkpoint` records how far it is
+    whole (and the caller's ``state``, such as a TSV position). A new writer with the same ``key``
+    (a digest of the inputs and options, :func:`resume_key`) reopens that partial file and goes on
+    from its last checkpoint (``resumed`` holds the state then); a partial file of other inputs,
+    or one that does not open (a crash mid-write), is started over with a warning.
+    """
+
+    META = (
+        ("image_ids", (), np.int64),
+        ("pos_boxes", (2,), np.int64),
+        ("image_size", (2,), np.float32),
+    )
+
+    def __init__(self, path: Path, fp16: bool, key: str = "", buffer_boxes: int = 4096) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = partial_path(self.path)
+        self.key = key
         self.fp16 = fp16
         self.buffer_boxes = buffer_boxes
         self.dim = None
-        self.rows = 0
+        self.rows = 0  # feature rows written
+        self.images = 0  # images written
         self.pending: list[Region] = []
         self.pending_boxes = 0
-        self.ids: list[int] = []
-        self.sizes: list[tuple[float, float]] = []
-        self.pos: list[tuple[int, int]] = []
+        self.resumed: dict | None = self._reopen()
+        if self.resumed is None:
+            self.file = h5py.File(self.tmp, "w")
+            for name, cols, dtype in self.META:
+                self.file.create_dataset(
+                    name, shape=(0, *cols), maxshape=(None, *cols), dtype=dtype,
+                    chunks=(4096, *cols),
+                )  # fmt: skip
+            self.file.attrs["resume_key"] = key
+            self.checkpoint({})
+
+    def _reopen(self) -> dict | None:
+        if not self.tmp.exists():
+            return None
+        try:
+            f = h5py.File(self.tmp, "a")
+        except BlockingIOError:  # HDF5's file lock: a conversion running now owns this file
+            raise ValueError(
+                f"{self.tmp}: another process is writing this file now (HDF5 file lock); wait "
+                f"for it to finish, or stop it, before writing {self.path}"
+            ) from None
+        except OSError as error:
+            warnings.warn(
+                f"{self.tmp}: partial file does not open ({error}); starting over", stacklevel=3
+            )
+            self.tmp.unlink()
+            return None
+        if f.attrs.get("resume_key") != self.key or "done_images" not in f.attrs:
+            f.close()
+            warnings.warn(
+                f"{self.tmp}: partial file of other inputs or options; starting over", stacklevel=3
+            )
+            self.tmp.unlink()
+            return None
+        self.file = f
+        self.images = int(f.attrs["done_images"])
+        self.rows = int(f.attrs["done_rows"])
+        for name, _, _ in self.META:  # drop what came after the last checkpoint
+            f[name].resize(self.images, axis=0)
+        if "image_features" in f:
+            self.dim = int(f["image_features"].shape[1])
+            for name in ("image_features", "image_bb", "spatial_features"):
+                f[name].resize(self.rows, axis=0)
+        return json.loads(f.attrs.get("resume_state", "{}"))
+
+    def done_ids(self) -> np.ndarray:
+        """The image ids written up to now (after a resume: those of the partial file)."""
+        return self.file["image_ids"][: self.images]
 
     def _create(self, dim: int) -> None:
         self.dim = dim
@@ -177,12 +265,8 @@ class _Writer:
     def add(self, region: Region) -> None:
         if self.dim is None:
             self._create(region.features.shape[1])
-        n = len(region.boxes)
-        self.ids.append(region.image_id)
-        self.sizes.append((region.width, region.height))
-        self.pos.append((self.rows + self.pending_boxes, self.rows + self.pending_boxes + n))
         self.pending.append(region)
-        self.pending_boxes += n
+        self.pending_boxes += len(region.boxes)
         if self.pending_boxes >= self.buffer_boxes:
             self.flush()
 
@@ -190,20 +274,40 @@ class _Writer:
         if not self.pending:
             return
         start, end = self.rows, self.rows + self.pending_boxes
-        features = np.concatenate([r.features for r in self.pending])
-        boxes = np.concatenate([r.boxes for r in self.pending])
-        spatial = np.concatenate(
-            [spatial_features(r.boxes, r.width, r.height) for r in self.pending]
-        )
-        for name, data in [
-            ("image_features", features),
-            ("image_bb", boxes),
-            ("spatial_features", spatial),
-        ]:
+        counts = np.asarray([len(r.boxes) for r in self.pending], dtype=np.int64)
+        ends = start + np.cumsum(counts)
+        n0, n1 = self.images, self.images + len(self.pending)
+        columns = [
+            ("image_features", np.concatenate([r.features for r in self.pending])),
+            ("image_bb", np.concatenate([r.boxes for r in self.pending])),
+            (
+                "spatial_features",
+                np.concatenate(
+                    [spatial_features(r.boxes, r.width, r.height) for r in self.pending]
+                ),
+            ),
+        ]
+        meta = [
+            ("image_ids", np.asarray([r.image_id for r in self.pending], dtype=np.int64)),
+            ("pos_boxes", np.stack([ends - counts, ends], axis=1)),
+            ("image_size", np.asarray([(r.width, r.height) for r in self.pending], np.float32)),
+        ]
+        for name, data in columns:
             self.file[name].resize(end, axis=0)
             self.file[name][start:end] = data
-        self.rows = end
+        for name, data in meta:
+            self.file[name].resize(n1, axis=0)
+            self.file[name][n0:n1] = data
+        self.rows, self.images = end, n1
         self.pending, self.pending_boxes = [], 0
+
+    def checkpoint(self, state: dict) -> None:
+        """Write what is pending and record it, with ``state``, as whole (a resume starts here)."""
+        self.flush()
+        self.file.attrs["done_images"] = self.images
+        self.file.attrs["done_rows"] = self.rows
+        self.file.attrs["resume_state"] = json.dumps(state)
+        self.file.flush()
 
     def commit(self, sources: list[str], dim: int) -> None:
         self.flush()
@@ -217,21 +321,48 @@ class _Writer:
             ]:
                 self.file.create_dataset(name, shape=(0, cols), dtype=dt)
         f = self.file
-        f.create_dataset("pos_boxes", data=np.asarray(self.pos, dtype=np.int64).reshape(-1, 2))
-        f.create_dataset("image_ids", data=np.asarray(self.ids, dtype=np.int64))
-        f.create_dataset("image_size", data=np.asarray(self.sizes, dtype=np.float32).reshape(-1, 2))
+        for name in ("done_images", "done_rows", "resume_state"):
+            if name in f.attrs:
+                del f.attrs[name]
         f.attrs["format"] = FORMAT
         f.attrs["feature_dim"] = self.dim
         f.attrs["fp16"] = self.fp16
-        f.attrs["sources"] = [str(s) for s in sources]
+        # a dataset, not an attribute: HDF5 attributes hold at most 64 KiB (a few thousand names)
+        names = [str(s) for s in sources]
+        f.create_dataset("sources", data=np.asarray(names, dtype=object), dtype=h5py.string_dtype())
         f.close()
+        with open(self.tmp, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(self.tmp, self.path)
 
-    def abort(self) -> None:
-        try:
+    def close(self) -> None:
+        """Close the partial file, keeping it for a resume (after a failure)."""
+        if self.file.id.valid:
             self.file.close()
+
+    def abort(self) -> None:
+        """Close and delete the partial file."""
+        try:
+            self.close()
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+def _tsv_key(tsv_paths: list[Path], wanted: dict[Path, set[int] | None], fp16: bool) -> dict:
+    files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in tsv_paths]
+    return {
+        path: resume_key(
+            "tsv",
+            files,
+            fp16,
+            None
+            if ids is None
+            else hashlib.sha256(
+                np.sort(np.fromiter(ids, np.int64, len(ids))).tobytes()
+            ).hexdigest(),
+        )
+        for path, ids in wanted.items()
+    }
 
 
 def convert_features_many(
@@ -239,14 +370,20 @@ def convert_features_many(
     outputs: dict[str | Path, Iterable[int] | None],
     fp16: bool = False,
     progress: bool = True,
+    checkpoint_every: int = 2000,
+    checkpoint_seconds: float = 30.0,
 ) -> dict[Path, dict]:
     """One pass over the TSV files routing each image to the output(s) that want its id.
 
     ``outputs`` maps an HDF5 path to the set of image ids it should hold (``None``: every image).
-    Each file is written under a temporary name in its folder and renamed at the end, so a
-    failure leaves no file that looks whole. Images outside every set are skipped; an image seen
-    twice keeps its first row (with a warning). Returns per output ``{"images", "boxes",
-    "missing": sorted ids asked for but not found}``.
+    Each file is written to ``PATH.partial`` beside it and renamed at the end, so a file under
+    the final name is always whole. Every ``checkpoint_every`` TSV rows (or ``checkpoint_seconds``
+    seconds, whichever comes first) the partial files record
+    how far they are; a run interrupted (an error, Ctrl-C, a full disk) and run again with the same
+    TSV files, ids and options goes on from there instead of starting over. Images outside every
+    set are skipped; an image seen twice keeps its first row (with a warning); a row with NaN or
+    Inf values is an error naming the file, line and image id. Returns per output ``{"images",
+    "boxes", "missing": sorted ids asked for but not found}``.
     """
     tsv_paths = [Path(p) for p in tsv_paths]
     if not tsv_paths:
@@ -255,16 +392,37 @@ def convert_features_many(
         if not p.is_file():
             raise FileNotFoundError(f"feature file not found: {p}")
     wanted = {Path(k): (None if v is None else {int(i) for i in v}) for k, v in outputs.items()}
+    keys = _tsv_key(tsv_paths, wanted, fp16)
     writers: dict[Path, _Writer] = {}
-    seen: dict[Path, set[int]] = {p: set() for p in wanted}
+    seen: dict[Path, set[int]] = {}
     duplicates = 0
-    total = sum(p.stat().st_size for p in tsv_paths)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="features", disable=not progress)
+    sizes = [p.stat().st_size for p in tsv_paths]
+    bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="features", disable=not progress)
     dim = None
     try:
+        # each output resumes from its own checkpoint; the pass starts at the earliest of them
+        # and an output skips the rows before its own
+        starts: dict[Path, tuple[int, int, int]] = {}
         for path in wanted:
-            writers[path] = _Writer(path, fp16)
-        for region in read_tsv(tsv_paths, progress=bar):
+            try:
+                writer = writers[path] = _Writer(path, fp16, keys[path])
+            except ValueError:  # another process owns a partial file: leave every file as it is
+                for opened in writers.values():
+                    opened.close()
+                writers.clear()
+                raise
+            state = writer.resumed or {}
+            starts[path] = tuple(state.get("position", (0, 0, 0)))
+            seen[path] = set(writer.done_ids().tolist())
+            if writer.dim is not None:
+                dim = writer.dim
+        start = min(starts.values())
+        bar.update(sum(sizes[: start[0]]) + start[1])
+        if start > (0, 0, 0):
+            bar.write(f"resuming from {tsv_paths[start[0]]} line {start[2] + 1}")
+        rows, next_checkpoint = 0, time.monotonic() + checkpoint_seconds
+        for region, position in _read_from(tsv_paths, start, bar):
+            rows += 1
             if dim is None:
                 dim = region.features.shape[1]
             elif region.features.shape[1] != dim:
@@ -273,19 +431,26 @@ def convert_features_many(
                     f"features, but earlier rows have {dim}-d"
                 )
             for path, ids in wanted.items():
-                if ids is not None and region.image_id not in ids:
+                if position <= starts[path] or (ids is not None and region.image_id not in ids):
                     continue
                 if region.image_id in seen[path]:
                     duplicates += 1
                     continue
                 seen[path].add(region.image_id)
                 writers[path].add(region)
+            if rows % checkpoint_every == 0 or time.monotonic() > next_checkpoint:
+                for writer in writers.values():
+                    writer.checkpoint({"position": position})
+                next_checkpoint = time.monotonic() + checkpoint_seconds
         for writer in writers.values():
             writer.commit([str(p) for p in tsv_paths], dim or 0)
+    except ValueError:  # bad input: the inputs must change, so nothing could be resumed
+        for writer in writers.values():
+            writer.abort()
+        raise
     except BaseException:
         for writer in writers.values():
-            if writer.file.id.valid or writer.tmp.exists():
-                writer.abort()
+            writer.close()  # the partial files stay: a rerun goes on from their checkpoint
         raise
     finally:
         bar.close()
@@ -302,6 +467,28 @@ def convert_features_many(
         }
         for path, ids in wanted.items()
     }
+
+
+def _read_from(
+    paths: list[Path], start: tuple[int, int, int], bar: tqdm
+) -> Iterator[tuple[Region, tuple[int, int, int]]]:
+    """Rows of the TSV files from ``start = (file index, byte offset, line number)`` on, each with
+    the position just after it."""
+    first, offset, line_no = start
+    for index in range(first, len(paths)):
+        path = paths[index]
+        with open(path, "rb") as f:
+            if index == first:
+                f.seek(offset)
+            else:
+                offset, line_no = 0, 0
+            for line in f:
+                line_no += 1
+                offset += len(line)
+                bar.update(len(line))
+                line = line.rstrip(b"\r\n")
+                if line:
+                    yield _parse_row(line.split(b"\t"), path, line_no), (index, offset, line_no)
 
 
 def convert_features(
@@ -323,14 +510,38 @@ def convert_features(
     ]
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM available to a new allocation (``MemAvailable`` of /proc/meminfo, else
+    psutil when installed); None when neither says."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
 class FeatureStore:
     """Lazy reader of a converted HDF5 file.
 
     ``store[image_id] -> (features [n, D] float32, spatials [n, 6] float32)``.
 
     The file is opened on first read in each process (never in ``__init__``), so a store can be
-    handed to DataLoader workers. ``in_memory=True`` loads everything into RAM on first use
-    (features keep their stored dtype; items are returned as float32).
+    handed to DataLoader workers. ``in_memory=True`` loads everything into RAM here, in
+    ``__init__`` (so forked DataLoader workers share it), after saying how much on stderr; it
+    raises ``MemoryError`` when that is more than the RAM available (:func:`available_memory`).
+    Features keep their stored dtype; items are returned as float32. An item with NaN or Inf
+    values is a ``ValueError`` naming the file and image id.
     """
 
     def __init__(self, path: str | Path, in_memory: bool = False) -> None:
@@ -344,6 +555,8 @@ class FeatureStore:
         self._datasets: dict | None = None  # the open file's datasets (a lookup costs ~0.2 ms)
         self._pid = None
         self._arrays: dict[str, np.ndarray] | None = None
+        if in_memory:  # here, before DataLoader workers fork: they share these pages
+            self._arrays = self._load_arrays()
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -391,11 +604,33 @@ class FeatureStore:
         if not self.in_memory:
             return self._handle()
         if self._arrays is None:
-            with h5py.File(self.path, "r") as f:
-                self._arrays = {
-                    name: f[name][()] for name in ("image_features", "spatial_features", "image_bb")
-                }
+            self._arrays = self._load_arrays()
         return self._arrays
+
+    def memory_needed(self) -> int:
+        """Bytes that ``in_memory=True`` holds: the three per-box datasets at their stored dtype."""
+        names = ("image_features", "spatial_features", "image_bb")
+        try:
+            with h5py.File(self.path, "r") as f:
+                return sum(int(np.prod(f[n].shape)) * f[n].dtype.itemsize for n in names)
+        except (OSError, KeyError) as error:
+            raise ValueError(f"{self.path}: not a feature file of this project ({error})") from None
+
+    def _load_arrays(self) -> dict[str, np.ndarray]:
+        need = self.memory_needed()
+        available = available_memory()
+        if available is not None and need > available:
+            raise MemoryError(
+                f"{self.path}: in_memory needs {_size(need)} of RAM for its features, "
+                f"but {_size(available)} are available; read them from the file instead "
+                "(in_memory off: the page cache keeps what fits)"
+            )
+        free = "" if available is None else f" of {_size(available)} available"
+        print(f"loading {self.path} into memory: {_size(need)}{free}", file=sys.stderr)
+        with h5py.File(self.path, "r") as f:
+            return {
+                name: f[name][()] for name in ("image_features", "spatial_features", "image_bb")
+            }
 
     def __len__(self) -> int:
         return len(self.index)
@@ -419,6 +654,8 @@ class FeatureStore:
         source = self._source()
         features = np.asarray(source["image_features"][start:end], dtype=np.float32)
         spatials = np.asarray(source["spatial_features"][start:end], dtype=np.float32)
+        check_finite(features, f"{self.path}: image_id {image_id}")
+        check_finite(spatials, f"{self.path}: image_id {image_id}", "spatial features")
         return features, spatials
 
     def boxes(self, image_id: int) -> np.ndarray:

@@ -145,13 +145,16 @@ def from_images(
             "(--allow-missing-images) to drop their questions"
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # the extraction is kept beside out_dir (its partial file while it runs) until the data
+    # directory is whole: a run that stops, at any step, and is run again does not featurise again
+    features_h5 = out_dir.parent / f".{out_dir.name}.features.h5"
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.from-images-", dir=out_dir.parent))
     try:
         raw = tmp / "raw"
         (raw / "features").mkdir(parents=True)
         info = extract_features(
             images_dir,
-            tmp / "features.h5",
+            features_h5,
             backbone=backbone,
             size=size,
             grid=grid,
@@ -159,6 +162,7 @@ def from_images(
             device=device,
             image_ids=wanted,
             progress=progress,
+            reuse=True,
         )
         if info["skipped"] and not allow_missing_images:
             names = ", ".join(name for name, _ in info["skipped"][:10])
@@ -166,8 +170,8 @@ def from_images(
                 f"{images_dir}: {len(info['skipped'])} picture(s) do not decode ({names}); "
                 "replace them, or pass --allow-missing-images to drop their questions"
             )
-        extractor = extractor_info(tmp / "features.h5")
-        write_tsv(raw / "features" / "images.tsv", _stored_regions(tmp / "features.h5"))
+        extractor = extractor_info(features_h5)
+        write_tsv(raw / "features" / "images.tsv", _stored_regions(features_h5))
         splits = _write_splits(raw, split, val_fraction, questions, annotations, question_list)
         with warnings.catch_warnings():
             if allow_missing_images:
@@ -185,6 +189,7 @@ def from_images(
             )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    features_h5.unlink()
 
     # record how the features were made (to featurise new pictures alike); `viz` and `serve`
     # find the pictures in RAW/images, so RAW is the folder's parent when it is named images/

@@ -598,7 +598,7 @@ def generate(
         for split_index, (split, offset, _, _) in enumerate(SPLITS)
         for start in range(0, sizes[split], CHUNK)
     ]
-    results = dict(zip(chunks, _run_chunks(chunks, workers), strict=True))
+    results = dict(zip(chunks, _run_chunks(chunks, workers, progress), strict=True))
 
     options = {
         "seed": seed,
@@ -670,15 +670,27 @@ def _backbone_tsv(
     return dim
 
 
-def _run_chunks(chunks: list[_Chunk], workers: int | None) -> list:
+def _run_chunks(chunks: list[_Chunk], workers: int | None, progress: bool = False) -> list:
     """_make_chunk over the chunks, in forked worker processes on Linux (fork is cheap: nothing
     is re-imported, and the workers touch only numpy and Pillow), else in this process."""
+    from tqdm import tqdm
+
+    total = sum(c.stop - c.start for c in chunks)
+    bar = tqdm(total=total, unit="img", desc="scenes", disable=not progress)
     workers = min(workers or os.cpu_count() or 1, 8, len(chunks))
+    results = []
     if workers <= 1 or not sys.platform.startswith("linux"):  # fork is safe on Linux only
-        return [_make_chunk(c) for c in chunks]
-    context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        return list(pool.map(_make_chunk, chunks))
+        for c in chunks:
+            results.append(_make_chunk(c))
+            bar.update(c.stop - c.start)
+    else:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            for c, result in zip(chunks, pool.map(_make_chunk, chunks), strict=True):
+                results.append(result)
+                bar.update(c.stop - c.start)
+    bar.close()
+    return results
 
 
 def _scene_and_questions(

@@ -7,6 +7,7 @@ target is the single answer with score 1.0.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Container
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def load_vg_questions(question_answers_path: str | Path) -> list[dict]:
                     "qa_id": int(qa.get("qa_id", qa.get("id"))),
                     "vg_image_id": int(qa.get("image_id", vg_id)),
                     "question": str(qa["question"]),
-                    "answer": str(qa["answer"]),
+                    "answer": sys.intern(str(qa["answer"])),  # shared: answers repeat
                 }
             except (KeyError, TypeError, ValueError, AttributeError) as error:
                 raise ValueError(

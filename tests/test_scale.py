@@ -1,0 +1,60 @@
+"""Long data commands show progress (and --quiet silences it); benchmarks/scale.py's generators
+write the real formats."""
+
+from ban.cli import main
+
+
+def test_synth_shows_progress_unless_quiet(tmp_path, capsys):
+    argv = ["data", "synth", "--train-images", "3", "--val-images", "2", "--test-images", "1"]
+    argv += ["--no-images", "--workers", "1", "--feature-dim", "8"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "scenes: 100%" in err and "6/6" in err
+    assert main([*argv, "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert "scenes" not in capsys.readouterr().err
+
+
+def test_scale_generators_write_what_prepare_reads(tmp_path):
+    import json
+
+    from ban.data.prepare import prepare
+    from ban.text import read_glove
+    from tests import benchmark_scripts
+
+    scale = benchmark_scripts.load("scale")
+    raw = tmp_path / "raw"
+    (raw / "features").mkdir(parents=True)
+    ids = scale.write_vqa(raw, 0.0002)
+    assert len(ids["train2014"]) == round(0.0002 * 82_783)
+    scale.write_vg(raw, 0.0002, ids["train2014"] + ids["val2014"])
+    scale.write_small_tsv(raw / "features" / "small.tsv", [i for v in ids.values() for i in v])
+    scale.write_glove(tmp_path / "glove.txt", words=scale.VOCAB + 100, dim=5)
+    weights, hits = read_glove(tmp_path / "glove.txt", ["w0000003", "z0000099", "nope"])
+    assert hits == 2 and weights.shape == (3, 5) and abs(weights[0]).max() <= 1
+    data = prepare(raw, tmp_path / "data", glove=tmp_path / "glove.txt", progress=False)
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["splits"]["train2014"]["questions"] == round(0.0002 * 443_757)
+    assert manifest["splits"]["test-dev2015"]["questions"] > 0
+    assert manifest["visual_genome"]["vg_train2014"]["questions"] == round(0.0002 * 1_445_322)
+    assert manifest["embeddings"]["glove"]["words_found"] > 100
+    assert scale.slope([1, 2, 4], [3, 6, 12]) == __import__("pytest").approx(1.0)
+
+
+@__import__("pytest").mark.parametrize("fix_idf", [False, True])
+def test_tfidf_counted_in_chunks_is_the_releases(fix_idf):
+    """tfidf_matrix counts pairs chunk by chunk (bounded memory at VQA v2 + VG size): the same
+    matrix as the release's one-list computation, its IDF bug included, however it is chunked."""
+    import numpy as np
+
+    from ban.text import Dictionary, tfidf_matrix
+    from tests.test_text import release_tfidf
+
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(40)]
+    texts = [" ".join(rng.choice(words, rng.integers(0, 9))) for i in range(300)]
+    d = Dictionary.build(texts[:100], release_unk=True)  # later texts bring extra words
+    expected, expected_extra = release_tfidf(texts, d.words, fix_idf)
+    for chunk in (7, 1000):
+        matrix, extra = tfidf_matrix(texts, d, fix_idf=fix_idf, chunk_texts=chunk)
+        assert extra == expected_extra
+        np.testing.assert_allclose(matrix.to_dense().numpy(), expected, rtol=1e-6, atol=1e-7)
