@@ -553,7 +553,7 @@ def _add_features_commands(features) -> None:
 
 
 def _run_features_extract(args) -> int:
-    from ban.images import extract_features
+    from ban.data.images import extract_features
 
     info = _without_extra(
         extract_features,

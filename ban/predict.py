@@ -152,10 +152,10 @@ class Predictor:
 
     def add_picture(self, picture, image_id: int | None = None) -> int:
         """Featurise a new picture (a path or a PIL image) as the data's features were made
-        (`ban.images`; data of `ban data from-images`) and return the id to ask about
+        (`ban.data.images`; data of `ban data from-images`) and return the id to ask about
         (default: -1, -2, ...)."""
         from ban.data.features import spatial_features
-        from ban.images import data_extractor
+        from ban.data.images import data_extractor
 
         if self._extractor is None:
             self._extractor = data_extractor(self.data_dir, self.device)

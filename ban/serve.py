@@ -387,8 +387,8 @@ class Batcher:
 
 
 def _upload_refusal(data_dir: Path) -> str | None:
-    """None when the data's features came from pictures (`ban.images`), else why uploads fail."""
-    from ban.images import extractor_info
+    """None when the data's features came from pictures (`ban.data.images`), else why not."""
+    from ban.data.images import extractor_info
 
     for path in sorted((Path(data_dir) / "features").glob("*.h5")):
         if extractor_info(path) is not None:

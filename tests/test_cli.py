@@ -274,7 +274,7 @@ def test_the_install_hint_installs_this_checkout(monkeypatch, tmp_path, capsys):
     """`pip install "ban[images]"` would fetch an unrelated package named ban from the index."""
     from pathlib import Path
 
-    from ban import images
+    from ban.data import images
 
     monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)  # not installed
     with pytest.raises(ImportError) as caught:

@@ -1,4 +1,4 @@
-"""ban.images (pictures -> grid region features) and ban.data.from_images, end to end."""
+"""ban.data.images (pictures -> grid region features) and ban.data.from_images, end to end."""
 
 import json
 import warnings
@@ -12,7 +12,7 @@ from torch import nn
 
 from ban.cli import main
 from ban.data.features import FeatureStore, Region, convert_features, write_tsv
-from ban.images import (
+from ban.data.images import (
     FeatureExtractor,
     extract_features,
     grid_boxes,

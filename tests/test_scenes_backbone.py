@@ -1,5 +1,5 @@
 """The scene benchmark featurised by a picture backbone (`generate(features="backbone")`, `ban data
-synth --features backbone`): a tiny random conv network through ban.images' interface, so the
+synth --features backbone`): a tiny random conv network through ban.data.images' interface, so the
 test needs neither the ban[images] extra nor much time."""
 
 from __future__ import annotations

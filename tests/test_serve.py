@@ -246,7 +246,7 @@ def test_concurrent_requests_are_queued(server):
     assert len({json.dumps(body["answers"]) for _, body in results}) == 1
 
 
-# Uploads: a tiny model trained on the features of a small random conv backbone (`ban.images`)
+# Uploads: a tiny model trained on the features of a small random conv backbone (`ban.data.images`)
 
 
 def _picture(size=(60, 40), color="red", fmt="PNG") -> bytes:

@@ -172,7 +172,7 @@ def check_finite(array: np.ndarray, where: str, field: str = "features") -> None
         )
 
 
-class _Writer:
+class FeatureWriter:
     """Appends images to ``PATH.partial`` beside the target; ``commit`` renames it into place.
 
     Everything written so far is in the partial file; :meth:`checkpoint` records how far it is
@@ -393,7 +393,7 @@ def convert_features_many(
             raise FileNotFoundError(f"feature file not found: {p}")
     wanted = {Path(k): (None if v is None else {int(i) for i in v}) for k, v in outputs.items()}
     keys = _tsv_key(tsv_paths, wanted, fp16)
-    writers: dict[Path, _Writer] = {}
+    writers: dict[Path, FeatureWriter] = {}
     seen: dict[Path, set[int]] = {}
     duplicates = 0
     sizes = [p.stat().st_size for p in tsv_paths]
@@ -405,7 +405,7 @@ def convert_features_many(
         starts: dict[Path, tuple[int, int, int]] = {}
         for path in wanted:
             try:
-                writer = writers[path] = _Writer(path, fp16, keys[path])
+                writer = writers[path] = FeatureWriter(path, fp16, keys[path])
             except ValueError:  # another process owns a partial file: leave every file as it is
                 for opened in writers.values():
                     opened.close()

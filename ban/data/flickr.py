@@ -343,16 +343,6 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def default_flickr_prepared(cache_dir: str | Path | None = None) -> Path:
-    """The built-in benchmark's grounding captions prepared once into
-    `cache_root(cache_dir)/flickr-prepared`."""
-    from ban.data import scenes
-
-    raw = scenes.default_benchmark(cache_dir)
-    target = scenes.cache_root(cache_dir) / "flickr-prepared"
-    return scenes._build_once(target, lambda tmp: prepare_flickr(raw, tmp))
-
-
 def read_prepared_manifest(data_dir: str | Path) -> dict:
     path = Path(data_dir) / "manifest.json"
     if not path.is_file():

@@ -1,5 +1,5 @@
 """``from_images``: a folder of pictures + VQA-v2-style questions/annotations -> a prepared data
-directory (the layout of :mod:`ban.data.prepare`), featurised with :mod:`ban.images`.
+directory (the layout of :mod:`ban.data.prepare`), featurised with :mod:`ban.data.images`.
 
 The pictures are featurised, written as a bottom-up TSV file into a temporary raw folder beside
 the question files, and that folder goes through :func:`ban.data.prepare.prepare` unchanged: the
@@ -19,6 +19,7 @@ from pathlib import Path
 import h5py
 
 from ban.data.features import Region, write_tsv
+from ban.data.images import DEFAULT_BACKBONE, extract_features, extractor_info, list_images
 from ban.data.prepare import (
     ANNOTATED,
     IMAGE_SPLIT,
@@ -29,7 +30,6 @@ from ban.data.prepare import (
 )
 from ban.data.vqa import load_questions
 from ban.files import atomic_write_text
-from ban.images import DEFAULT_BACKBONE, extract_features, extractor_info, list_images
 
 
 def _link(source: Path, target: Path) -> None:
@@ -111,7 +111,7 @@ def from_images(
       "multiple_choice_answer", "answer_type", "question_type"}]}`` (needed: the answer
       vocabulary comes from them).
     - Image ids are matched to files by the last number in the file name
-      (:func:`ban.images.image_id_from_name`): ``42.jpg``, ``COCO_train2014_000000000042.jpg``.
+      (:func:`ban.data.images.image_id_from_name`): ``42.jpg``, ``COCO_train2014_000000000042.jpg``.
     - ``split``: the split name the questions take (``train2014`` or ``val2014``).
     - ``val_fraction``: with ``split="train2014"``, the questions on the highest
       ``ceil(val_fraction * images)`` image ids form ``val2014`` instead (so ``ban train`` can

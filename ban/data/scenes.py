@@ -31,8 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ban.data import scene_world as world
+from ban.data.features import encode_row
+from ban.data.flickr import prepare_flickr
+from ban.data.images import DEFAULT_BACKBONE, FeatureExtractor, load_image
+from ban.data.prepare import prepare
 from ban.data.scene_world import (
     ATTRIBUTES,
     MAX_OBJECTS,
@@ -549,9 +554,9 @@ def generate(
     at most 8) share the work without changing any byte.
 
     `features="backbone"` featurises the rendered PNGs with a picture backbone through
-    `ban.images` instead of the simulated detector: each image's `grid x grid` cells are its
+    `ban.data.images` instead of the simulated detector: each image's `grid x grid` cells are its
     regions (boxes in the PNG's pixels, features [grid * grid, D] of the backbone), written in
-    the same TSV format. `backbone` is anything `ban.images.load_backbone` takes (default
+    the same TSV format. `backbone` is anything `ban.data.images.load_backbone` takes (default
     EfficientNet-Lite0, the `ban[images]` extra), run on the picture resized to `backbone_size`
     pixels square; `feature_dim`, `adaptive` and `num_boxes` do not apply. Same arguments, same
     bytes (on the same machine and torch build).
@@ -608,8 +613,6 @@ def generate(
     }
     extractor = None
     if not detector:
-        from ban.images import DEFAULT_BACKBONE, FeatureExtractor
-
         extractor = FeatureExtractor(backbone or DEFAULT_BACKBONE, backbone_size, grid)
         options = {
             "seed": seed,
@@ -650,10 +653,6 @@ def _backbone_tsv(
 ) -> int:
     """Featurise a split's PNGs into `features/scenes_<split>.tsv` (bottom-up TSV, CR LF line
     ends, image order as in the questions); returns the feature dimension (0: no image)."""
-    from tqdm import tqdm
-
-    from ban.data.features import encode_row
-    from ban.images import load_image
 
     dim = 0
     step = max(1, batch_size)
@@ -673,7 +672,6 @@ def _backbone_tsv(
 def _run_chunks(chunks: list[_Chunk], workers: int | None, progress: bool = False) -> list:
     """_make_chunk over the chunks, in forked worker processes on Linux (fork is cheap: nothing
     is re-imported, and the workers touch only numpy and Pillow), else in this process."""
-    from tqdm import tqdm
 
     total = sum(c.stop - c.start for c in chunks)
     bar = tqdm(total=total, unit="img", desc="scenes", disable=not progress)
@@ -832,7 +830,13 @@ def _check_default(raw: Path) -> None:
 def default_prepared(cache_dir: str | Path | None = None) -> Path:
     """The default benchmark run through `ban.data.prepare.prepare` once; returns the prepared
     data directory `cache_root(cache_dir)/prepared`."""
-    from ban.data.prepare import prepare
-
     raw = default_benchmark(cache_dir)
     return _build_once(cache_root(cache_dir) / "prepared", lambda tmp: prepare(raw, tmp))
+
+
+def default_flickr_prepared(cache_dir: str | Path | None = None) -> Path:
+    """The default benchmark's grounding captions run through `ban.data.flickr.prepare_flickr`
+    once; returns the prepared directory `cache_root(cache_dir)/flickr-prepared`."""
+    raw = default_benchmark(cache_dir)
+    target = cache_root(cache_dir) / "flickr-prepared"
+    return _build_once(target, lambda tmp: prepare_flickr(raw, tmp))

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ban import presets
 from ban.configs import TrainConfig
-from ban.data import flickr
+from ban.data import flickr, scenes
 from ban.data.features import FeatureStore
 from ban.distributed import DistEnv, autocast
 from ban.metrics import KS, phrase_hits, ranked_boxes, recall_report
@@ -298,7 +298,7 @@ def format_report(report: dict[str, Any]) -> str:
 def resolve_data(data: str | Path | None) -> Path:
     """A prepared grounding directory, or the built-in benchmark's (prepared on first use)."""
     if data is None:
-        return Path(flickr.default_flickr_prepared())
+        return Path(scenes.default_flickr_prepared())
     flickr.read_prepared_manifest(data)
     return Path(data)
 

@@ -38,7 +38,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from ban.data.features import Region, _Writer, check_finite, resume_key
+from ban.data.features import FeatureWriter, Region, check_finite, resume_key
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DEFAULT_BACKBONE = "efficientnet-lite0"
@@ -293,7 +293,7 @@ def extract_features(
                     "skipped": [tuple(x) for x in json.loads(f.attrs.get("skipped", "[]"))],
                     "missing": missing,
                 }
-    writer = _Writer(Path(out_h5), fp16, key)
+    writer = FeatureWriter(Path(out_h5), fp16, key)
     done = set(writer.done_ids().tolist())
     skipped: list[tuple[str, str]] = [tuple(x) for x in (writer.resumed or {}).get("skipped", [])]
     bar = tqdm(total=len(files), unit="img", desc="features", disable=not progress)
