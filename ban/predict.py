@@ -104,6 +104,11 @@ class Predictor:
         device: str | torch.device = "cpu",
         precision: str = "auto",
     ) -> None:
+        if data is None:
+            raise ValueError(
+                "Predictor needs the prepared data directory the model was trained on (data=...; "
+                "Predictor.from_checkpoint finds a run's own)"
+            )
         self.device = torch.device(device)
         self.model = inference_model(model, precision, self.device)
         self.precision = self.model.precision
@@ -141,13 +146,20 @@ class Predictor:
         label2ans: str | os.PathLike | None = None,
         precision: str = "auto",
     ) -> Predictor:
-        """Load a run directory (its best checkpoint, on the run's data unless `data` is given),
+        """Load a run directory or a checkpoint in one (its best checkpoint, on the run's data
+        unless `data` is given),
         this project's checkpoint, or one of the original release (through `ban.load_official`,
         with its `dictionary.pkl` / `trainval_label2ans.pkl` when given), for inference in
         `precision` (`ban.inference`)."""
         checkpoint, run_config = resolve_checkpoint(path)
+        if data is None and run_config is None:
+            raise ValueError(
+                f"{path}: no run directory around this checkpoint tells its data; give the "
+                "prepared data directory it was trained on (--data DIR)"
+            )
+        if data is None:  # the run's data; None there is the built-in benchmark
+            data = resolve_data(run_config.data)
         model = load_any(checkpoint, device, dictionary=dictionary, label2ans=label2ans)
-        data = data or (run_config.data if run_config else None)
         return cls(model, data=data, device=device, precision=precision)
 
     def add_picture(self, picture, image_id: int | None = None) -> int:

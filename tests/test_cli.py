@@ -302,3 +302,21 @@ def test_info_lists_models_and_recipes_under_distinct_names(capsys):
     assert main(["info", "--model", "flickr-small"]) == 0  # a recipe: the model it trains
     described = capsys.readouterr().out
     assert described.startswith("BANGrounding") and "hidden=128" in described
+
+
+def test_a_predictor_uses_the_runs_data_and_never_guesses(trained, tiny_data, tmp_path):
+    import shutil
+
+    from ban.predict import Predictor
+
+    # a checkpoint inside its run directory: the run's config names the data
+    predictor = Predictor.from_checkpoint(trained / "best.safetensors")
+    assert predictor.data_dir == tiny_data
+    # the same file elsewhere: nothing says which data, so none is guessed (was: the benchmark)
+    shutil.copy(trained / "best.safetensors", tmp_path / "loose.safetensors")
+    with pytest.raises(ValueError, match="no run directory around this checkpoint"):
+        Predictor.from_checkpoint(tmp_path / "loose.safetensors")
+    with pytest.raises(ValueError, match="needs the prepared data directory"):
+        Predictor(predictor.model)
+    assert main(["predict", str(tmp_path / "loose.safetensors"), "--image-id", "1",
+                 "--question", "is there a cube?"]) == 2  # fmt: skip

@@ -285,8 +285,8 @@ def resume_config(run_dir: str | Path, runtime: dict[str, Any] | None = None) ->
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, TrainConfig | None]:
-    """A checkpoint file, or a run directory (its best.safetensors, else last.safetensors, with
-    the run's config so that its data directory is known)."""
+    """A checkpoint file, or a run directory (its best.safetensors, else last.safetensors), with
+    the run's config when the checkpoint sits in a run directory, so that its data is known."""
     path = Path(path)
     if path.is_dir():
         for name in ("best.safetensors", "last.safetensors"):
@@ -300,7 +300,8 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, TrainConfig | None]:
         raise FileNotFoundError(f"{path} holds no best.safetensors or last.safetensors")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return path, None
+    beside = path.parent / "config.yaml"  # a checkpoint inside its run directory
+    return path, configs.from_yaml(beside) if beside.is_file() else None
 
 
 # --------------------------------------------------------------------------------------------
