@@ -1,4 +1,9 @@
-"""The `ban` command. Thin: parses arguments and calls library functions."""
+"""The `ban` command. Thin: parses arguments and calls library functions.
+
+Why it is long (about 800 lines): one parser and one small function per command, each readable
+on its own; they share nothing but `main`. The library is imported inside the commands, so that
+`ban --help` and a mistyped flag answer at once instead of after importing torch.
+"""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ for small models; `ban.inference.choose_precision`).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ import torch
 from torch import nn
 
 from ban.checkpoint import load_any
+from ban.data.features import FeatureStore, spatial_features
+from ban.data.images import data_extractor
 from ban.engine.runs import resolve_checkpoint
 from ban.inference import inference_model
 from ban.tasks.vqa import resolve_data
@@ -124,8 +127,6 @@ class Predictor:
             )
         self.answers = model.answers
         if self.answers is None:
-            import json
-
             self.answers = json.loads((self.data_dir / "answers.json").read_text())
         if len(self.answers) != model.config.num_answers:
             raise ValueError(
@@ -166,9 +167,6 @@ class Predictor:
         """Featurise a new picture (a path or a PIL image) as the data's features were made
         (`ban.data.images`; data of `ban data from-images`) and return the id to ask about
         (default: -1, -2, ...)."""
-        from ban.data.features import spatial_features
-        from ban.data.images import data_extractor
-
         if self._extractor is None:
             self._extractor = data_extractor(self.data_dir, self.device)
         region = self._extractor(picture)
@@ -185,8 +183,6 @@ class Predictor:
     def region_features(self, image_id: int):
         """`(features [n, Dv], spatials [n, 6], pixel boxes [n, 4])` of an image of the data
         (or of a picture given to `add_picture`)."""
-        from ban.data.features import FeatureStore
-
         if image_id in self._pictures:
             return self._pictures[image_id]
         if self._stores is None:

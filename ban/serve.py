@@ -20,6 +20,9 @@ ids must be integers of the feature files, and pictures are found from the id by
 `ban.viz.ImageFolder`. Uploaded pictures are decoded and featurised in memory
 (`Predictor.add_picture`, with the backbone that made the data's features) and kept in memory,
 the last `MAX_UPLOADS` of them.
+
+Why it is long (about 850 lines): the limits, the request and response models, the batcher, the
+read timeouts and the error bodies of one hardened server, which belong together.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import queue
 import re
 import socket
@@ -45,12 +49,15 @@ import uvicorn
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ban.data.features import FeatureStore
+from ban.data.images import extractor_info
 from ban.predict import MAX_QUESTION, Predictor, QuestionError, check_question
 from ban.viz import GLIMPSE_COLORS, ImageFolder
 
@@ -181,8 +188,6 @@ class App:
         max_batch: int = MAX_BATCH,
         max_wait: float = MAX_WAIT,
     ) -> None:
-        from ban.data.features import FeatureStore
-
         self.predictor = predictor
         self.images = images or ImageFolder.for_data(predictor.data_dir)
         ids: set[int] = set()
@@ -388,8 +393,6 @@ class Batcher:
 
 def _upload_refusal(data_dir: Path) -> str | None:
     """None when the data's features came from pictures (`ban.data.images`), else why not."""
-    from ban.data.images import extractor_info
-
     for path in sorted((Path(data_dir) / "features").glob("*.h5")):
         if extractor_info(path) is not None:
             return None
@@ -410,8 +413,6 @@ def decode_picture(body: bytes):
     `MAX_UPLOAD_SIDE`); ApiError 400 when it does not decode, 413 when it has too many pixels
     (`MAX_UPLOAD_PIXELS`, checked from its header before it is decoded; Pillow's own
     decompression-bomb limits are above it and give the same 413)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     too_many = (
         f"the picture has more than {MAX_UPLOAD_PIXELS} pixels (width x height); "
         f"at most {MAX_UPLOAD_PIXELS} in all"
@@ -529,8 +530,6 @@ def create_app(app: App) -> FastAPI:
 
     @api.exception_handler(Exception)
     async def internal(request: Request, error: Exception) -> JSONResponse:
-        import logging
-
         logging.getLogger("ban.serve").error("internal error: %r", error, exc_info=error)
         return _error(500, "internal error")
 

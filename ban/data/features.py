@@ -11,6 +11,9 @@ HDF5 (one file per image split; the release's adaptive layout plus an image-id i
 - ``spatial_features [total_boxes, 6]`` float32, ``x1/w, y1/h, x2/w, y2/h, (x2-x1)/w, (y2-y1)/h``
 - ``pos_boxes [num_images, 2]`` int64, the ``[start, end)`` rows of each image
 - ``image_ids [num_images]`` int64 and ``image_size [num_images, 2]`` float32 (width, height)
+
+Why it is long (about 670 lines): the real format's reader and writer, the resumable converter
+and the lazy store share the layout and its checks; split, each half would restate them.
 """
 
 from __future__ import annotations

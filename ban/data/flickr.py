@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ban.data.features import convert_features_many
 from ban.files import atomic_write, atomic_write_text
-from ban.text import Dictionary, tokenize
+from ban.text import Dictionary, read_glove, tokenize
 
 SPLITS = ("train", "val", "test")
 TYPES = ("people", "clothing", "bodyparts", "animals", "vehicles", "instruments", "scene", "other")
@@ -286,9 +287,6 @@ def prepare_flickr(
     """RAW (module docstring) -> a prepared grounding directory. The dictionary covers every
     caption of every split, as the release's does (a test vocabulary); features come from
     RAW/features/*.tsv through the HDF5 converter."""
-    from ban.data.features import convert_features_many
-    from ban.text import read_glove
-
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     flickr_dir = raw_dir / "flickr30k"
     for split in splits:

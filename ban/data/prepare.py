@@ -11,6 +11,10 @@ Prepared directory::
                              tfidf.npy unless tfidf=False)
       features/<split>.h5    train2014, val2014, test2015 (test-dev2015 uses test2015's file)
       <split>.jsonl          one question per line (vg_train2014 / vg_val2014 for Visual Genome)
+
+Why it is long (about 570 lines): one pass from the raw files to the prepared directory, in the
+release's order (dictionary, answers, soft scores, Visual Genome, features); each step is a
+function, and they are only used together.
 """
 
 from __future__ import annotations

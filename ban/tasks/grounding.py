@@ -6,6 +6,8 @@ ONE ground-truth box of the phrase is >= 0.5) and 'merged' (one union box per ph
 definition for targets and evaluation. Recall@K counts every evaluated phrase; phrases that no
 proposal covers are misses. The upper bound is the fraction with a positive proposal. Every
 report names its protocol.
+
+Why it is long (about 430 lines): as `ban/tasks/vqa.py`, for the grounding task.
 """
 
 from __future__ import annotations

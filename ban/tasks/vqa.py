@@ -3,6 +3,9 @@ the release's loss, and evaluation with the official VQA accuracy.
 
 What the engine (`ban.engine.loop.train`) asks of a task is listed in `ban/tasks/__init__.py`;
 this module also holds the functions that `ban evaluate` and the predictor call directly.
+
+Why it is long (about 470 lines): data, model, loss, evaluation and report of one task, as the
+engine's plug-in contract asks; the evaluation functions are also the `ban evaluate` command's.
 """
 
 from __future__ import annotations
