@@ -169,10 +169,10 @@ def test_store_open_in_the_parent_still_reads_in_workers(tmp_path):
 def test_many_long_source_names_fit(tmp_path):
     """HDF5 attributes hold at most 64 KiB: 20,000 long source names used to fail at commit
     ("object header message is too large") after all the work was done."""
-    from ban.data.features import _Writer
+    from ban.data.features import FeatureWriter
 
     names = [f"COCO_train2014_{i:012d}_{'x' * 60}.jpg" for i in range(20_000)]
-    writer = _Writer(tmp_path / "f.h5", fp16=False)
+    writer = FeatureWriter(tmp_path / "f.h5", fp16=False)
     for r in make_regions():
         writer.add(r)
     writer.commit(names, DIM)
