@@ -528,6 +528,12 @@ def _add_data_commands(data) -> None:
     p.add_argument("--feature-dim", type=int, help="region feature size (default 128; real: 2048)")
     p.add_argument("--boxes", default="36", help="boxes per image: a number or 'adaptive' (10-100)")
     p.add_argument("--no-images", action="store_true", help="skip the PNG images")
+    p.add_argument(
+        "--families",
+        nargs="+",
+        help="question families (default: all but spatial, which BAN cannot see; "
+        "docs/benchmark.md): existence counting attribute spatial comparison",
+    )
     p.add_argument("--workers", type=int, help="processes (default: the CPU count)")
     p.add_argument(
         "--features",
@@ -649,6 +655,7 @@ def _run_synth(args) -> int:
         "val_images": args.val_images,
         "test_images": args.test_images,
         "feature_dim": args.feature_dim,
+        "families": args.families,
     }
     out = generate(
         args.out,

@@ -57,8 +57,10 @@ def test_script_trains_rows_writes_the_table_and_reads_finished_runs_back(tiny, 
     assert set(trained) == {"question-only", "ban-1"}
     assert trained["ban-1"]["parameters"] > trained["question-only"]["parameters"]
     for row in trained.values():
-        families = [row[f] for f in ("existence", "counting", "attribute", "spatial", "comparison")]
+        families = [row[f] for f in ("existence", "counting", "attribute", "comparison")]
         assert all(0 <= value <= 100 for value in families)
+        assert "spatial" not in row  # not in the default mix
+    assert "| spatial |" not in table and "| comparison |" in table
     second = subprocess.run(command, capture_output=True, text=True, check=True)
     assert "training in" not in second.stdout  # finished rows are read back, not retrained
     assert (tmp_path / "table.md").read_text() == table

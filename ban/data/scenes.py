@@ -45,7 +45,7 @@ from ban.data.scene_world import (
 )
 from ban.files import read_json
 
-VERSION = "scenes-v1"
+VERSION = "scenes-v2"
 DEFAULT_TRAIN_IMAGES = 4000
 DEFAULT_VAL_IMAGES = 1000
 DEFAULT_TEST_IMAGES = 250
@@ -57,6 +57,12 @@ DEFAULT_GRID = 4  # 16 regions: the counting module needs at least 10
 CAPTIONS_PER_IMAGE = 5
 
 FAMILIES = ("existence", "counting", "attribute", "spatial", "comparison")
+# The default mix leaves the spatial family out: BAN sees box coordinates only through the
+# counter (as in the release), and the simulated detector's features carry no position, so no
+# model of this design can answer "is the X left of the Y?" (it stays at chance in every row of
+# the ablation, docs/benchmark.md). `generate(..., families=FAMILIES)` (`ban data synth
+# --families ...`) still asks it.
+DEFAULT_FAMILIES = ("existence", "counting", "attribute", "comparison")
 ANSWER_TYPES = {
     "existence": "yes/no",
     "counting": "number",
@@ -475,6 +481,7 @@ class _Chunk:
     images: bool
     captions_per_image: int
     detector: bool = True  # False: no simulated features (the backbone writes them afterwards)
+    families: tuple[str, ...] = DEFAULT_FAMILIES  # the question families asked
 
 
 @functools.cache
@@ -495,7 +502,7 @@ def _make_chunk(chunk: _Chunk) -> tuple[list[Scene], list[Question], Path]:
     flickr = c.out / "flickr30k"
     for index in range(c.start, c.stop):
         rnd = random.Random(f"ban-scenes/{c.seed}/{c.split}/{index}")
-        scene, asked = _scene_and_questions(rnd, c.offset + index + 1, balancer)
+        scene, asked = _scene_and_questions(rnd, c.offset + index + 1, balancer, c.families)
         scenes.append(scene)
         questions += asked
         chains = _Chains(scene.image_id)
@@ -527,6 +534,7 @@ def generate(
     num_boxes: int = DEFAULT_NUM_BOXES,
     images: bool = True,
     captions_per_image: int = CAPTIONS_PER_IMAGE,
+    families: tuple[str, ...] | list[str] = DEFAULT_FAMILIES,
     workers: int | None = None,
     features: str = "detector",
     backbone=None,
@@ -567,6 +575,11 @@ def generate(
                 f"generate: expected grid >= {DEFAULT_GRID} (at least 10 regions for the counting "
                 f"module; got {grid}) and backbone_size >= 32 (got {backbone_size})"
             )
+    if not families or not set(families) <= set(FAMILIES):
+        raise ValueError(
+            f"generate: families must be a non-empty subset of {FAMILIES}, got {list(families)}"
+        )
+    families = tuple(f for f in FAMILIES if f in families)  # in FAMILIES order, no repeats
     if feature_dim < 1 or num_boxes < MAX_OBJECTS or min(train_images, val_images, test_images) < 0:
         raise ValueError(
             f"generate: expected feature_dim >= 1 (got {feature_dim}), num_boxes >= "
@@ -594,6 +607,7 @@ def generate(
             images,
             captions_per_image,
             detector,
+            families,
         )  # fmt: skip
         for split_index, (split, offset, _, _) in enumerate(SPLITS)
         for start in range(0, sizes[split], CHUNK)
@@ -605,6 +619,7 @@ def generate(
         "feature_dim": feature_dim,
         "boxes": "adaptive" if adaptive else num_boxes,
         "captions_per_image": captions_per_image,
+        "families": list(families),
     }
     extractor = None
     if not detector:
@@ -618,6 +633,7 @@ def generate(
             "feature_dim": 0,  # the backbone's, set below
             "boxes": grid * grid,
             "captions_per_image": captions_per_image,
+            "families": list(families),
         }
     summary = {"version": VERSION, "options": options, "splits": {}}
     for split, _, answered, flickr_split in SPLITS:
@@ -682,9 +698,13 @@ def _run_chunks(chunks: list[_Chunk], workers: int | None) -> list:
 
 
 def _scene_and_questions(
-    rnd: random.Random, image_id: int, balancer: _Balancer
+    rnd: random.Random,
+    image_id: int,
+    balancer: _Balancer,
+    families: tuple[str, ...] = DEFAULT_FAMILIES,
 ) -> tuple[Scene, list[Question]]:
-    """A scene and one question of each family it allows (question ids image_id * 1000 + k)."""
+    """A scene and one question of each of `families` it allows (question ids image_id * 1000 +
+    k)."""
     # The counting answer (0..10) is chosen first and that many matching objects are put in the
     # scene, so that counts are balanced for every kind of description.
     kind = rnd.choice(COUNTING_KINDS)
@@ -695,6 +715,8 @@ def _scene_and_questions(
     scene = world.sample_scene(rnd, image_id, planted, int(how_many))
     questions = []
     for family in FAMILIES:
+        if family not in families:
+            continue
         if family == "counting":
             made = (*_counting_question(rnd, planted), how_many, kind)
         else:
@@ -797,6 +819,7 @@ def _check_default(raw: Path) -> None:
         "feature_dim": DEFAULT_FEATURE_DIM,
         "boxes": DEFAULT_NUM_BOXES,
         "captions_per_image": CAPTIONS_PER_IMAGE,
+        "families": list(DEFAULT_FAMILIES),
     }
     expected_images = {
         "train2014": DEFAULT_TRAIN_IMAGES,
@@ -824,3 +847,90 @@ def default_prepared(cache_dir: str | Path | None = None) -> Path:
 
     raw = default_benchmark(cache_dir)
     return _build_once(cache_root(cache_dir) / "prepared", lambda tmp: prepare(raw, tmp))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores per question family, beside the answers that need no training
+
+
+def reference_scores(raw_dir: str | Path, split: str = "val2014") -> dict[str, dict[str, float]]:
+    """Two answers that need no training, scored with the official VQA metric on `split` of a
+    scene benchmark: "chance", a uniformly random answer among those of the question's type in
+    train2014 (its expectation, exactly), and "most-frequent", the most frequent train2014 answer
+    of the question's type. Each maps "overall", every answer type and every question family to a
+    percentage. Under the official metric a wrong yes/no answer still earns credit when some of
+    the ten annotators gave it, so chance on yes/no questions is near 60 %, not 50 %."""
+    from ban.data.vqa import vqa_accuracy
+
+    raw = Path(raw_dir)
+    families = read_json(raw / "scenes.json")["splits"][split]["families"]
+
+    def annotations(name: str) -> list[dict]:
+        path = raw / f"v2_mscoco_{name}_annotations.json"
+        return read_json(path)["annotations"]
+
+    seen: dict[str, Counter] = defaultdict(Counter)
+    for a in annotations("train2014"):
+        seen[a["question_type"]][a["multiple_choice_answer"]] += 1
+    chance: dict[str, list[float]] = defaultdict(list)
+    frequent: dict[str, list[float]] = defaultdict(list)
+    for a in annotations(split):
+        humans = [h["answer"] for h in a["answers"]]
+        candidates = seen[a["question_type"]]
+        if not candidates:
+            raise ValueError(
+                f"{raw}: question type {a['question_type']!r} of {split} question "
+                f"{a['question_id']} never occurs in train2014"
+            )
+        random_answer = sum(vqa_accuracy(c, humans) for c in candidates) / len(candidates)
+        top_answer = vqa_accuracy(candidates.most_common(1)[0][0], humans)
+        for key in ("overall", a["answer_type"], families[str(a["question_id"])]):
+            chance[key].append(random_answer)
+            frequent[key].append(top_answer)
+    return {
+        name: {key: 100 * sum(v) / len(v) for key, v in values.items()}
+        for name, values in (("chance", chance), ("most-frequent", frequent))
+    }
+
+
+def family_scores(
+    raw_dir: str | Path, predictions: list[dict], split: str = "val2014"
+) -> dict[str, tuple[int, float]]:
+    """Per question family: (questions, official VQA accuracy in %) of `predictions`, rows with
+    "question_id" and "accuracy" (0..1) as in a run's predictions.jsonl; families in FAMILIES
+    order, those without a question left out."""
+    families = read_json(Path(raw_dir) / "scenes.json")["splits"][split]["families"]
+    scores: dict[str, list[float]] = defaultdict(list)
+    for row in predictions:
+        key = str(row["question_id"])
+        if key not in families:
+            raise ValueError(f"{raw_dir}/scenes.json: no question {key} in {split}")
+        scores[families[key]].append(row["accuracy"])
+    return {
+        f: (len(scores[f]), 100 * sum(scores[f]) / len(scores[f])) for f in FAMILIES if scores[f]
+    }
+
+
+def family_report(data_dir: str | Path, predictions_path: str | Path) -> list[str]:
+    """Lines of accuracy per question family beside chance, for a run on a scene benchmark:
+    `data_dir` the prepared directory the run evaluated on (val2014), `predictions_path` its
+    predictions.jsonl. Empty when the data is not a scene benchmark (no scenes.json in the raw
+    directory the manifest names), so that a caller may print it after any VQA run."""
+    from ban.data.prepare import read_manifest
+
+    raw = Path(read_manifest(data_dir).get("raw_dir", ""))
+    if not (raw / "scenes.json").is_file():
+        return []
+    with open(predictions_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    scores = family_scores(raw, rows)
+    chance = reference_scores(raw)["chance"]
+    lines = ["by question family (official VQA accuracy; chance: a random answer of its type):"]
+    for family, (n, accuracy) in scores.items():
+        lines.append(
+            f"  {family:<11} {accuracy:6.2f}   chance {chance[family]:6.2f}   ({n:,} questions)"
+        )
+    total = sum(n for n, _ in scores.values())
+    overall = sum(n * a for n, a in scores.values()) / total
+    lines.append(f"  {'overall':<11} {overall:6.2f}   chance {chance['overall']:6.2f}")
+    return lines
