@@ -157,6 +157,7 @@ def _run_train(args) -> int:
         print(format_report(result.report))
     elif result.report is not None:
         print(engine.format_report(result.report))
+        _print_family_report(config, result.run_dir)
     if result.status != "finished":
         p = result.progress
         print(
@@ -166,6 +167,19 @@ def _run_train(args) -> int:
         )
     print(f"run directory: {result.run_dir}")
     return 128 + result.signal if result.signal else 0
+
+
+def _print_family_report(config, run_dir) -> None:
+    """On a scene benchmark: the accuracy per question family beside chance."""
+    from pathlib import Path
+
+    from ban import engine
+    from ban.data.scenes import family_report
+
+    predictions = Path(run_dir) / "predictions.jsonl"
+    if predictions.is_file() and config.eval_split == "val2014":
+        for line in family_report(engine.resolve_data(config.data), predictions):
+            print(line)
 
 
 def _add_evaluate(commands) -> None:

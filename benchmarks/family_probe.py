@@ -79,7 +79,10 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a BANConfig field, e.g. --set counter=false")  # fmt: skip
     parser.add_argument("--data", type=Path, help="prepared benchmark (default: the built-in)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data_dir = engine.resolve_data(str(args.data) if args.data else None)
     overrides = {}
     for item in args.set:
