@@ -477,3 +477,20 @@ def test_reference_scores_and_family_report(tmp_path):
     predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match="no question 1 in val2014"):
         scenes.family_report(data, predictions)
+
+
+def test_ban_train_prints_each_family_beside_chance(tmp_path, capsys):
+    from ban.cli import main
+    from tests.test_engine import TINY_MODEL, make_tiny_data
+
+    data = make_tiny_data(tmp_path / "data")
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data), "--epochs", "1", "--out", str(run), "--quiet"]
+    args += [f"--set={k}={v}" for k, v in TINY_MODEL.items()] + ["--batch-size", "16"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    expected = scenes.family_report(data, run / "predictions.jsonl")
+    assert expected[0].startswith("by question family") and len(expected) == 6
+    assert "\n".join(expected) in out
+    report = json.loads((run / "report.json").read_text())
+    assert expected[-1].split()[1] == f"{report['official']['overall']:.2f}"
