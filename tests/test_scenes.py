@@ -159,7 +159,9 @@ def test_vqa_json_has_the_official_layout(raw):
             assert votes.most_common(1)[0] == (a["multiple_choice_answer"], max(votes.values()))
             assert votes[a["multiple_choice_answer"]] >= 7
             disagreements += len(votes) > 1
-        assert 0 < disagreements < len(annotations) / 2  # a little annotator noise
+        # A little annotator noise: 45 % of the questions in expectation (0.6: about three
+        # standard deviations above it for the 120 questions of the smallest split here).
+        assert 0.2 * len(annotations) < disagreements < 0.6 * len(annotations)
 
 
 def test_every_answer_agrees_with_the_scene(raw, truth):
