@@ -173,6 +173,8 @@ def _run_train(args) -> int:
     )
     if result.report is not None:
         print(task_for(config).format_report(result.report))
+        if config.task == "vqa":
+            _print_family_report(config, result.run_dir)
     if result.status != "finished":
         p = result.progress
         print(
@@ -182,6 +184,19 @@ def _run_train(args) -> int:
         )
     print(f"run directory: {result.run_dir}")
     return 128 + result.signal if result.signal else 0
+
+
+def _print_family_report(config, run_dir) -> None:
+    """On a scene benchmark: the accuracy per question family beside chance."""
+    from pathlib import Path
+
+    from ban.metrics import family_report
+    from ban.tasks import vqa
+
+    predictions = Path(run_dir) / "predictions.jsonl"
+    if predictions.is_file() and config.eval_split == "val2014":
+        for line in family_report(vqa.resolve_data(config.data), predictions):
+            print(line)
 
 
 def _add_evaluate(commands) -> None:
@@ -649,6 +664,12 @@ def _add_data_commands(data) -> None:
     p.add_argument("--feature-dim", type=int, help="region feature size (default 128; real: 2048)")
     p.add_argument("--boxes", default="36", help="boxes per image: a number or 'adaptive' (10-100)")
     p.add_argument("--no-images", action="store_true", help="skip the PNG images")
+    p.add_argument(
+        "--families",
+        nargs="+",
+        help="question families (default: all but spatial, which BAN cannot see; "
+        "docs/benchmark.md): existence counting attribute spatial comparison",
+    )
     p.add_argument("--workers", type=int, help="processes (default: the CPU count)")
     p.add_argument(
         "--features",
@@ -786,6 +807,7 @@ def _run_synth(args) -> int:
         "val_images": args.val_images,
         "test_images": args.test_images,
         "feature_dim": args.feature_dim,
+        "families": args.families,
     }
     out = generate(
         args.out,

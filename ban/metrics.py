@@ -9,14 +9,19 @@ with the server's two-decimal view beside the unrounded figures. Reported number
 
 from __future__ import annotations
 
-from collections import defaultdict
+import json
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ban.data.prepare import read_manifest
+from ban.data.scenes import FAMILIES
 from ban.data.vqa import process_digit_article, process_punctuation
+from ban.files import read_json
 
 OFFICIAL_NAME = "VQA accuracy (official metric: min(1, matches/3) over 10 leave-one-out subsets)"
 APPROXIMATE_NAME = (
@@ -234,3 +239,86 @@ def recall_report(
         if rows.any():
             report["per_type"][name] = summary(rows)
     return report
+
+
+# --------------------------------------------------------------------------------------------
+# The built-in benchmark: scores per question family, beside the answers that need no training
+
+
+def reference_scores(raw_dir: str | Path, split: str = "val2014") -> dict[str, dict[str, float]]:
+    """Two answers that need no training, scored with the official VQA metric on `split` of a
+    scene benchmark: "chance", a uniformly random answer among those of the question's type in
+    train2014 (its expectation, exactly), and "most-frequent", the most frequent train2014 answer
+    of the question's type. Each maps "overall", every answer type and every question family to a
+    percentage. Under the official metric a wrong yes/no answer still earns credit when some of
+    the ten annotators gave it, so chance on yes/no questions is near 60 %, not 50 %."""
+    raw = Path(raw_dir)
+    families = read_json(raw / "scenes.json")["splits"][split]["families"]
+
+    def annotations(name: str) -> list[dict]:
+        path = raw / f"v2_mscoco_{name}_annotations.json"
+        return read_json(path)["annotations"]
+
+    seen: dict[str, Counter] = defaultdict(Counter)
+    for a in annotations("train2014"):
+        seen[a["question_type"]][a["multiple_choice_answer"]] += 1
+    chance: dict[str, list[float]] = defaultdict(list)
+    frequent: dict[str, list[float]] = defaultdict(list)
+    for a in annotations(split):
+        humans = [h["answer"] for h in a["answers"]]
+        candidates = seen[a["question_type"]]
+        if not candidates:
+            raise ValueError(
+                f"{raw}: question type {a['question_type']!r} of {split} question "
+                f"{a['question_id']} never occurs in train2014"
+            )
+        random_answer = sum(vqa_accuracy(c, humans) for c in candidates) / len(candidates)
+        top_answer = vqa_accuracy(candidates.most_common(1)[0][0], humans)
+        for key in ("overall", a["answer_type"], families[str(a["question_id"])]):
+            chance[key].append(random_answer)
+            frequent[key].append(top_answer)
+    return {
+        name: {key: 100 * sum(v) / len(v) for key, v in values.items()}
+        for name, values in (("chance", chance), ("most-frequent", frequent))
+    }
+
+
+def family_scores(
+    raw_dir: str | Path, predictions: list[dict], split: str = "val2014"
+) -> dict[str, tuple[int, float]]:
+    """Per question family: (questions, official VQA accuracy in %) of `predictions`, rows with
+    "question_id" and "accuracy" (0..1) as in a run's predictions.jsonl; families in FAMILIES
+    order, those without a question left out."""
+    families = read_json(Path(raw_dir) / "scenes.json")["splits"][split]["families"]
+    scores: dict[str, list[float]] = defaultdict(list)
+    for row in predictions:
+        key = str(row["question_id"])
+        if key not in families:
+            raise ValueError(f"{raw_dir}/scenes.json: no question {key} in {split}")
+        scores[families[key]].append(row["accuracy"])
+    return {
+        f: (len(scores[f]), 100 * sum(scores[f]) / len(scores[f])) for f in FAMILIES if scores[f]
+    }
+
+
+def family_report(data_dir: str | Path, predictions_path: str | Path) -> list[str]:
+    """Lines of accuracy per question family beside chance, for a run on a scene benchmark:
+    `data_dir` the prepared directory the run evaluated on (val2014), `predictions_path` its
+    predictions.jsonl. Empty when the data is not a scene benchmark (no scenes.json in the raw
+    directory the manifest names), so that a caller may print it after any VQA run."""
+    raw = Path(read_manifest(data_dir).get("raw_dir", ""))
+    if not (raw / "scenes.json").is_file():
+        return []
+    with open(predictions_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    scores = family_scores(raw, rows)
+    chance = reference_scores(raw)["chance"]
+    lines = ["by question family (official VQA accuracy; chance: a random answer of its type):"]
+    for family, (n, accuracy) in scores.items():
+        lines.append(
+            f"  {family:<11} {accuracy:6.2f}   chance {chance[family]:6.2f}   ({n:,} questions)"
+        )
+    total = sum(n for n, _ in scores.values())
+    overall = sum(n * a for n, a in scores.values()) / total
+    lines.append(f"  {'overall':<11} {overall:6.2f}   chance {chance['overall']:6.2f}")
+    return lines

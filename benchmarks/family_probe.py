@@ -6,6 +6,12 @@ was used to find out why the benchmark's models stayed at chance (docs/benchmark
 
     python benchmarks/family_probe.py --family attribute --steps 1000
     python benchmarks/family_probe.py --set dropout=0.2 --set attention_dropout=0.5
+    python benchmarks/family_probe.py --family all --train-images 8000 --batch-size 256 --lr 4e-3
+
+`--family all` trains on every family of the benchmark and prints the val score per family;
+`--train-images N` keeps the questions of the first N training images only (the same data as a
+benchmark generated with N training images would hold, for the same seed), to compare data sizes
+on one large benchmark.
 
 The score is the training-score approximation (soft score of the argmax answer) on val2014.
 """
@@ -27,28 +33,44 @@ from ban.data.prepare import read_manifest
 from ban.tasks import vqa
 
 
-def family_subset(data_dir: Path, split: str, families: set[str]) -> Subset:
+def family_subset(
+    data_dir: Path, split: str, families: set[str] | None, images: int | None = None
+) -> tuple[Subset, list[str]]:
+    """The questions of `families` (None: all) on the first `images` images of `split` (None:
+    all), and the family of each."""
     raw_dir = Path(read_manifest(data_dir)["raw_dir"])
     of = json.loads((raw_dir / "scenes.json").read_text())["splits"][split]["families"]
     dataset = vqa.open_split(data_dir, split)
-    keep = [i for i, e in enumerate(dataset.entries) if of[str(e["question_id"])] in families]
-    return Subset(dataset, keep)
+    first = min((e["image_id"] for e in dataset.entries), default=0)
+    keep = [
+        i
+        for i, e in enumerate(dataset.entries)
+        if (families is None or of[str(e["question_id"])] in families)
+        and (images is None or e["image_id"] < first + images)
+    ]
+    return Subset(dataset, keep), [of[str(dataset.entries[i]["question_id"])] for i in keep]
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, dataset: Subset) -> float:
+def score(model: torch.nn.Module, dataset: Subset, families: list[str]) -> dict[str, float]:
+    """The val score overall and per family."""
     model.eval()
-    total = 0.0
-    for batch in DataLoader(dataset, batch_size=256, collate_fn=vqa.collate):
+    scores: list[float] = []
+    for batch in DataLoader(dataset, batch_size=512, collate_fn=vqa.collate):
         logits = model(batch["features"], batch["spatials"], batch["question"]).logits
-        total += batch["target"].gather(1, logits.argmax(1, keepdim=True)).sum().item()
+        scores += batch["target"].gather(1, logits.argmax(1, keepdim=True))[:, 0].tolist()
     model.train()
-    return 100 * total / len(dataset)
+    out = {"overall": 100 * sum(scores) / len(scores)}
+    for family in sorted(set(families)):
+        mine = [s for s, f in zip(scores, families, strict=True) if f == family]
+        out[family] = 100 * sum(mine) / len(mine)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", nargs="+", default=["attribute"])
+    parser.add_argument("--family", nargs="+", default=["attribute"], help="or 'all'")
+    parser.add_argument("--train-images", type=int, help="the first N training images only")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -58,15 +80,19 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a BANConfig field, e.g. --set counter=false")  # fmt: skip
     parser.add_argument("--data", type=Path, help="prepared benchmark (default: the built-in)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data_dir = vqa.resolve_data(str(args.data) if args.data else None)
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[f"model.{key.strip()}"] = yaml.safe_load(value)
     config = configs.override(configs.recipe("vqa-small"), {"model": args.model, **overrides})
-    train = family_subset(data_dir, "train2014", set(args.family))
-    val = family_subset(data_dir, "val2014", set(args.family))
+    families = None if args.family == ["all"] else set(args.family)
+    train, _ = family_subset(data_dir, "train2014", families, args.train_images)
+    val, val_families = family_subset(data_dir, "val2014", families)
     torch.manual_seed(args.seed)
     model = vqa.build_model(config, data_dir)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -86,9 +112,13 @@ def main() -> None:
             optimizer.step()
             step += 1
             if step % args.every == 0 or step == args.steps:
+                elapsed = time.perf_counter() - start
+                scores = score(model, val, val_families)
+                per_family = " ".join(f"{k} {v:.1f}" for k, v in scores.items() if k != "overall")
                 print(
-                    f"step {step}: loss {loss.item():.3f}, val score {score(model, val):.2f} "
-                    f"({time.perf_counter() - start:.0f} s)",
+                    f"step {step} ({step * args.batch_size / len(train):.2f} epochs): loss "
+                    f"{loss.item():.3f}, val score {scores['overall']:.2f} [{per_family}] "
+                    f"({elapsed:.0f} s)",
                     flush=True,
                 )
             if step == args.steps:

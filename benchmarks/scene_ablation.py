@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from ban import configs, engine
+from ban import configs, engine, metrics
+from ban.data import scenes
 from ban.data.prepare import read_manifest
 from ban.files import atomic_write_text
 from ban.model import count_parameters
@@ -55,7 +56,6 @@ ROWS: dict[str, tuple[str, dict]] = {
 }  # fmt: skip
 
 ANSWER_TYPES = ("yes/no", "number", "other")
-FAMILIES = ("existence", "counting", "attribute", "spatial", "comparison")
 
 
 def run_row(name: str, seed: int, args: argparse.Namespace) -> dict:
@@ -112,54 +112,25 @@ def scores(run_dir: Path, data_dir: Path) -> dict:
     """Official VQA accuracy overall, by answer type and by question family, in percent."""
     report = json.loads((run_dir / "report.json").read_text())["official"]
     raw_dir = Path(read_manifest(data_dir)["raw_dir"])
-    families = json.loads((raw_dir / "scenes.json").read_text())["splits"]["val2014"]["families"]
-    per_family: dict[str, list[float]] = {family: [] for family in FAMILIES}
     with open(run_dir / "predictions.jsonl") as f:
-        for line in f:
-            row = json.loads(line)
-            per_family[families[str(row["question_id"])]].append(row["accuracy"])
+        rows = [json.loads(line) for line in f]
+    per_family = metrics.family_scores(raw_dir, rows)
     return {
         "overall": report["overall"],
-        **{kind: report["by_answer_type"][kind] for kind in ANSWER_TYPES},
-        **{family: 100 * sum(acc) / len(acc) for family, acc in per_family.items()},
+        **{kind: report["by_answer_type"].get(kind, 0.0) for kind in ANSWER_TYPES},
+        **{family: accuracy for family, (_, accuracy) in per_family.items()},
     }
 
 
 def reference_rows(data_dir: Path) -> list[dict]:
     """Two answers that need no training, scored with the official metric on val2014: a uniformly
     random answer among those of the question's type in train2014 (the expectation, exactly),
-    and the most frequent train2014 answer of the question's type. Under the official metric a
-    wrong yes/no answer still earns credit when some of the ten annotators gave it, so chance
-    on yes/no questions is near 60 %, not 50 %."""
-    from collections import Counter, defaultdict
-
-    from ban.metrics import vqa_accuracy
-
+    and the most frequent train2014 answer of the question's type (metrics.reference_scores)."""
     raw_dir = Path(read_manifest(data_dir)["raw_dir"])
-    families = json.loads((raw_dir / "scenes.json").read_text())["splits"]["val2014"]["families"]
-
-    def annotations(split: str) -> list[dict]:
-        path = raw_dir / f"v2_mscoco_{split}_annotations.json"
-        return json.loads(path.read_text())["annotations"]
-
-    seen: dict[str, Counter] = defaultdict(Counter)
-    for a in annotations("train2014"):
-        seen[a["question_type"]][a["multiple_choice_answer"]] += 1
-    chance: dict[str, list[float]] = defaultdict(list)
-    frequent: dict[str, list[float]] = defaultdict(list)
-    for a in annotations("val2014"):
-        humans = [h["answer"] for h in a["answers"]]
-        candidates = seen[a["question_type"]]
-        random_answer = sum(vqa_accuracy(c, humans) for c in candidates) / len(candidates)
-        top_answer = vqa_accuracy(candidates.most_common(1)[0][0], humans)
-        for key in ("overall", a["answer_type"], families[str(a["question_id"])]):
-            chance[key].append(random_answer)
-            frequent[key].append(top_answer)
     rows = []
-    for name, values in (("chance", chance), ("most-frequent", frequent)):
+    for name, values in metrics.reference_scores(raw_dir).items():
         row = {"row": name, "seed": None, "epochs": 0, "parameters": 0, "minutes": 0.0}
-        row.update({key: 100 * sum(v) / len(v) for key, v in values.items()})
-        rows.append(row)
+        rows.append({**row, **values})
     return rows
 
 
@@ -171,7 +142,9 @@ def mean_text(values: list[float]) -> str:
 
 
 def table(results: list[dict]) -> str:
-    columns = ("overall", *ANSWER_TYPES, *FAMILIES)
+    # The families of the benchmark (the default one has no spatial questions).
+    families = [f for f in scenes.FAMILIES if any(f in r for r in results)]
+    columns = ("overall", *ANSWER_TYPES, *families)
     lines = [
         "| model | params | seeds | train | " + " | ".join(columns) + " |",
         "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in columns) + " |",
@@ -182,7 +155,7 @@ def table(results: list[dict]) -> str:
         if not rows:
             continue
         train = mean_text([r["train"] for r in rows]) if "train" in rows[0] else "-"
-        cells = [train, *(mean_text([r[c] for r in rows]) for c in columns)]
+        cells = [train, *(mean_text([r.get(c, 0.0) for r in rows]) for c in columns)]
         params = f"{rows[0]['parameters']:,}" if rows[0]["parameters"] else "-"
         seeds = str(len(rows)) if rows[0]["seed"] is not None else "-"
         lines.append(f"| {label} | {params} | {seeds} | " + " | ".join(cells) + " |")

@@ -57,8 +57,26 @@ def test_script_trains_rows_writes_the_table_and_reads_finished_runs_back(tiny, 
     assert set(trained) == {"question-only", "ban-1"}
     assert trained["ban-1"]["parameters"] > trained["question-only"]["parameters"]
     for row in trained.values():
-        families = [row[f] for f in ("existence", "counting", "attribute", "spatial", "comparison")]
+        families = [row[f] for f in ("existence", "counting", "attribute", "comparison")]
         assert all(0 <= value <= 100 for value in families)
+        assert "spatial" not in row  # not in the default mix
+    assert "| spatial |" not in table and "| comparison |" in table
     second = subprocess.run(command, capture_output=True, text=True, check=True)
     assert "training in" not in second.stdout  # finished rows are read back, not retrained
     assert (tmp_path / "table.md").read_text() == table
+
+
+def test_family_probe_scores_every_family_on_the_first_images(tiny):
+    probe = benchmark_scripts.load("family_probe")
+    train, families = probe.family_subset(tiny, "train2014", None, images=5)
+    assert len(train) == len(families) and 5 <= len(train) <= 20  # at most 4 questions an image
+    assert {train.dataset.entries[i]["image_id"] for i in train.indices} == set(
+        range(1_000_001, 1_000_006)
+    )
+    only, _ = probe.family_subset(tiny, "train2014", {"counting"})
+    assert len(only) == 24  # one counting question per image
+    command = [sys.executable, str(benchmark_scripts.BENCHMARKS / "family_probe.py")]
+    command += ["--data", str(tiny), "--family", "all", "--train-images", "8", "--steps", "2"]
+    command += ["--every", "1", "--batch-size", "4", "--threads", "1"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert out.count("val score") == 2 and "existence" in out and "comparison" in out
