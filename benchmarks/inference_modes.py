@@ -37,8 +37,10 @@ import torch
 
 import ban
 from ban import engine
+from ban.checkpoint import load_any
 from ban.files import atomic_write_text
 from ban.inference import choose_precision, cpu_flags, inference_model
+from ban.tasks import vqa
 
 MODES = ("model", "fp32", "bf16", "int8")  # 'model': the trained module itself, the baseline
 
@@ -186,8 +188,8 @@ def torchao_table(model, args, lines: list[str]) -> None:
 def accuracy_table(checkpoint: str, lines: list[str], threads: int) -> None:
     torch.set_num_threads(threads)
     path, run_config = engine.resolve_checkpoint(checkpoint)
-    model = engine.load_checkpoint(path, "cpu")
-    data = engine.resolve_data(run_config.data if run_config else None)
+    model = load_any(path, "cpu")
+    data = vqa.resolve_data(run_config.data if run_config else None)
     lines.append(f"\n## Accuracy: {path} on {data.name} val2014, {threads} threads ({load()})\n")
     lines.append(
         f"checkpoint written {time.strftime('%H:%M:%S', time.gmtime(path.stat().st_mtime))}"
@@ -213,7 +215,7 @@ def accuracy_table(checkpoint: str, lines: list[str], threads: int) -> None:
         logits: list[torch.Tensor] = []
         hook = m.register_forward_hook(lambda _m, _i, out, kept=logits: kept.append(out.logits))
         start = time.perf_counter()
-        report, rows = engine.evaluate(m, data, "val2014")
+        report, rows = vqa.evaluate(m, data, "val2014")
         seconds = time.perf_counter() - start
         hook.remove()
         answers = {row["question_id"]: row["answer"] for row in rows}
