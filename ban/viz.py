@@ -248,7 +248,7 @@ def plot_accuracy_by_type(
     by_type: dict[str, float], entries: Iterable[dict], out_dir: str | os.PathLike
 ) -> Path:
     """`out_dir/accuracy_by_question_type.png`: VQA accuracy (%) by question type (`by_type`, as
-    in `engine.evaluate`'s report), most frequent type of `entries` (the questions) first."""
+    in `ban.tasks.vqa.evaluate`'s report), most frequent type of `entries` (the questions) first."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -286,7 +286,7 @@ def gallery(
     """Pictures of `n` evaluated questions, half answered right (accuracy 1), half wrong
     (accuracy 0), as `out_dir/right-<question_id>.png` and `wrong-<question_id>.png`.
 
-    `rows`: `engine.evaluate`'s predictions (with "accuracy"); `entries`: the split's questions."""
+    `rows`: `ban.tasks.vqa.evaluate`'s predictions (with "accuracy"); `entries`: the questions."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images = images or ImageFolder.for_data(predictor.data_dir)
