@@ -353,8 +353,8 @@ def _train(task, config, env, device, run_dir, cleanup, resume, max_steps, progr
             log.write("epoch", prog.global_step, **record)
             if env.is_main and progress:
                 print(
-                    f"epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f} "
-                    f"{task.describe(record)} lr {lr:.2e} grad norm {record['grad_norm']:.3f}",
+                    f"epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f} lr {lr:.2e} "
+                    f"grad norm {record['grad_norm']:.3f} | {task.describe(record)}",
                     file=sys.stderr,
                 )
             score = record.get(task.select_key)
