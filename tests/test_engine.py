@@ -287,6 +287,24 @@ def _even_copy(data: Path, out: Path, questions: int) -> Path:
     return out
 
 
+def train_in_one_and_two_processes(tmp_path: Path, args: list[str]) -> None:
+    """`ban train ARGS` into tmp_path/one (one process) and tmp_path/two (torchrun, 2 gloo
+    processes), one thread each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "ban", "train", "--out", str(tmp_path / "one"), *args],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         f"--master_port={_free_port()}", "-m", "ban", "train", "--out", str(tmp_path / "two"),
+         *args],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_match_one(tiny_data, tmp_path):
     """torchrun with 2 CPU processes (local batch 8) against 1 process (batch 16): the same samples
@@ -297,19 +315,7 @@ def test_two_gloo_processes_match_one(tiny_data, tmp_path):
               "--set", "model.dropout=0", "--set", "model.attention_dropout=0",
               "--set", "model.classifier_dropout=0", "--set", "log_every=1"]  # fmt: skip
     common += [f"--set={k}={v}" for k, v in TINY_MODEL.items()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(
-        [sys.executable, "-m", "ban", "train", "--out", str(tmp_path / "one"), *common],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         f"--master_port={_free_port()}", "-m", "ban", "train", "--out", str(tmp_path / "two"),
-         *common],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert two.returncode == 0, two.stderr
+    train_in_one_and_two_processes(tmp_path, common)
 
     def records(run, kind):
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()

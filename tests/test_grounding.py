@@ -246,31 +246,15 @@ def test_grounding_trains_under_ddp_like_one_process(prepared, tmp_path):
     """Grounding gains DDP from the one engine: 2 gloo processes (local batch 2) against 1 (batch
     4) take the same captions per step, so the same gradient norms and weights up to summation
     order."""
-    import os
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
 
-    from tests.test_engine import _free_port
+    from tests.test_engine import train_in_one_and_two_processes
 
     common = ["--task", "flickr", "--data", str(prepared), "--epochs", "2", "--batch-size", "4",
               "--quiet", "--set", "model.hidden=16", "--set", "model.embedding_dim=8",
               "--set", "model.dropout=0", "--set", "model.attention_dropout=0",
               "--set", "log_every=1"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(
-        [sys.executable, "-m", "ban", "train", "--out", str(tmp_path / "one"), *common],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         f"--master_port={_free_port()}", "-m", "ban", "train", "--out", str(tmp_path / "two"),
-         *common],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert two.returncode == 0, two.stderr
+    train_in_one_and_two_processes(tmp_path, common)
 
     def steps(run):
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()

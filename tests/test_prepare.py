@@ -11,8 +11,9 @@ from torch.utils.data import DataLoader
 from ban.cli import main as cli_main
 from ban.data.features import FeatureStore, Region, write_tsv
 from ban.data.prepare import MissingFilesError, load_embeddings, load_prepared, prepare
-from ban.data.vqa import CONTRACTIONS, soft_score
+from ban.data.vqa import soft_score
 from ban.text import UNK, Dictionary, read_glove, tfidf_init
+from tests.test_metrics import official_process_digit_article, official_process_punctuation
 
 DIM = 8
 IMAGES = {"train2014": [1, 2, 3], "val2014": [4, 5], "test2015": [6, 7]}
@@ -533,44 +534,15 @@ def test_without_tfidf_the_c_embedding_is_frozen_glove(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The answer order equals the release's trainval_label2ans.pkl built from the same files
 
-RELEASE_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">",
-                 "<", "@", "`", ",", "?", "!"]  # fmt: skip
-RELEASE_MANUAL_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3",
-                      "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8",
-                      "nine": "9", "ten": "10"}  # fmt: skip
-
 
 def release_label2ans(annotation_files, min_occurence=9):
     """tools/compute_softscore.py, restated: `filter_answers` over train + val annotations (a
     dict of preprocessed multiple-choice answer -> question ids, rare ones popped), then
     `create_ans2label`'s label order (the dict's iteration order; insertion order since Python
     3.7 -- the released pickle itself came from Python 3.5's hash order)."""
-    import re
 
-    period_strip = re.compile(r"(?!<=\d)(\.)(?!\d)")
-    comma_strip = re.compile(r"(\d)(\,)(\d)")
-
-    def process_punctuation(in_text):
-        out_text = in_text
-        for p in RELEASE_PUNCT:
-            if (p + " " in in_text or " " + p in in_text) or (
-                re.search(comma_strip, in_text) is not None
-            ):
-                out_text = out_text.replace(p, "")
-            else:
-                out_text = out_text.replace(p, " ")
-        return period_strip.sub("", out_text, re.UNICODE)
-
-    def process_digit_article(in_text):
-        words = []
-        for word in in_text.lower().split():
-            word = RELEASE_MANUAL_MAP.setdefault(word, word)
-            if word not in ["a", "an", "the"]:
-                words.append(word)
-        return " ".join(CONTRACTIONS.get(w, w) for w in words)
-
-    def preprocess_answer(answer):
-        return process_digit_article(process_punctuation(answer)).replace(",", "")
+    def preprocess_answer(answer):  # the release copies the official evaluator's processing
+        return official_process_digit_article(official_process_punctuation(answer)).replace(",", "")
 
     answers_dset = []
     for path in annotation_files:
