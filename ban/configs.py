@@ -97,6 +97,9 @@ class TrainConfig(BaseModel):
     compile: bool = False
     device: str | None = None  # None = cuda when available, else cpu
     num_workers: Annotated[Integer, Field(ge=0)] = 0
+    # Read the region features into RAM before training (said first, refused when they would not
+    # fit); False: read from the HDF5 files as batches need them (the page cache keeps what fits).
+    in_memory: bool = False
     eval_batch_size: Annotated[Integer, Field(ge=1)] | None = None  # None = batch_size
     log_every: Annotated[Integer, Field(ge=1)] = 50  # optimizer steps between JSONL step records
     protocol: Literal["any", "merged"] = "any"  # flickr: 'any' (the release's) or 'merged' boxes
@@ -240,7 +243,9 @@ def validate(values: dict[str, Any], source: str = "settings") -> TrainConfig:
 
 
 # Fields that may change when a run is resumed: they decide where and how fast, not what.
-RUNTIME_FIELDS = frozenset({"device", "num_workers", "compile", "log_every", "eval_batch_size"})
+RUNTIME_FIELDS = frozenset(
+    {"device", "num_workers", "in_memory", "compile", "log_every", "eval_batch_size"}
+)
 
 # Training recipes. Their names say the task and the scale; the model presets they train are
 # `ban.presets.PRESETS` (`ban info --list` lists both).

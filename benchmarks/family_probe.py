@@ -34,13 +34,17 @@ from ban.tasks import vqa
 
 
 def family_subset(
-    data_dir: Path, split: str, families: set[str] | None, images: int | None = None
+    data_dir: Path,
+    split: str,
+    families: set[str] | None,
+    images: int | None = None,
+    in_memory: bool = False,
 ) -> tuple[Subset, list[str]]:
     """The questions of `families` (None: all) on the first `images` images of `split` (None:
     all), and the family of each."""
     raw_dir = Path(read_manifest(data_dir)["raw_dir"])
     of = json.loads((raw_dir / "scenes.json").read_text())["splits"][split]["families"]
-    dataset = vqa.open_split(data_dir, split)
+    dataset = vqa.open_split(data_dir, split, in_memory)
     first = min((e["image_id"] for e in dataset.entries), default=0)
     keep = [
         i
@@ -80,6 +84,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a BANConfig field, e.g. --set counter=false")  # fmt: skip
     parser.add_argument("--data", type=Path, help="prepared benchmark (default: the built-in)")
+    parser.add_argument("--in-memory", action="store_true", help="features read into RAM first")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -91,8 +96,8 @@ def main() -> None:
         overrides[f"model.{key.strip()}"] = yaml.safe_load(value)
     config = configs.override(configs.recipe("vqa-small"), {"model": args.model, **overrides})
     families = None if args.family == ["all"] else set(args.family)
-    train, _ = family_subset(data_dir, "train2014", families, args.train_images)
-    val, val_families = family_subset(data_dir, "val2014", families)
+    train, _ = family_subset(data_dir, "train2014", families, args.train_images, args.in_memory)
+    val, val_families = family_subset(data_dir, "val2014", families, None, args.in_memory)
     torch.manual_seed(args.seed)
     model = vqa.build_model(config, data_dir)
     params = [p for p in model.parameters() if p.requires_grad]

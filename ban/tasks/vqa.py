@@ -72,8 +72,10 @@ def available_splits(data_dir: Path) -> list[str]:
     return list(read_manifest(data_dir)["splits"])
 
 
-def open_split(data_dir: Path, split: str | list[str]) -> Dataset:
-    """The `VQADataset` of prepared split(s): a name, `a+b`, or a list of names joined."""
+def open_split(data_dir: Path, split: str | list[str], in_memory: bool = False) -> Dataset:
+    """The `VQADataset` of prepared split(s): a name, `a+b`, or a list of names joined; with
+    `in_memory`, their region features are read into RAM first (said, and refused when they
+    would not fit)."""
     names = split if isinstance(split, str) else "+".join(split)
     known = available_splits(data_dir)
     for name in names.split("+"):
@@ -81,7 +83,7 @@ def open_split(data_dir: Path, split: str | list[str]) -> Dataset:
             raise ValueError(
                 f"split {name!r} is not in {data_dir}; prepared splits: {', '.join(known)}"
             )
-    return load_prepared(data_dir, names)
+    return load_prepared(data_dir, names, in_memory=in_memory)
 
 
 def visual_dim(data_dir: Path) -> int:
@@ -393,8 +395,13 @@ class VQATask:
         return resolve_data(self.config.data)
 
     def datasets(self, data_dir: Path) -> tuple[Dataset, Dataset | None]:
-        train_set = open_split(data_dir, self.config.train_splits)
-        eval_set = open_split(data_dir, self.config.eval_split) if self.config.eval_split else None
+        in_memory = self.config.in_memory
+        train_set = open_split(data_dir, self.config.train_splits, in_memory)
+        eval_set = (
+            open_split(data_dir, self.config.eval_split, in_memory)
+            if self.config.eval_split
+            else None
+        )
         return train_set, eval_set
 
     def build_model(self, data_dir: Path) -> nn.Module:
