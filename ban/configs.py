@@ -9,6 +9,8 @@ Why it is long (about 400 lines): the typed settings and the words of their erro
 
 from __future__ import annotations
 
+import math
+
 import functools
 import typing
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Annotated, Any, Literal
 import torch
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -55,6 +58,8 @@ def _listed(value: Any) -> Any:
 
 Integer = Annotated[int, BeforeValidator(_refuse_bool("an integer"))]  # 3, "3"; not 2.5, "ten"
 Number = Annotated[float, BeforeValidator(_refuse_bool("a number"))]  # 1e-3, "1e-3" (YAML: a str)
+# An epoch or a point within one (1.5); whole values stay ints (10, not 10.0, in config.yaml).
+EpochPoint = Annotated[Number, AfterValidator(lambda x: int(x) if x.is_integer() else x)]
 
 
 def _error(message: str) -> PydanticCustomError:
@@ -86,9 +91,11 @@ class TrainConfig(BaseModel):
     lr_warmup: Annotated[
         list[Annotated[Number, Field(gt=0, allow_inf_nan=False)]], BeforeValidator(_listed)
     ] = Field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
-    lr_decay_epochs: Annotated[list[Annotated[Integer, Field(ge=0)]], BeforeValidator(_listed)] = (
-        Field(default_factory=lambda: [10, 12])
-    )
+    # Epochs (0-indexed) from which the rate is multiplied by lr_decay_factor. Whole epochs as in
+    # the release; a fraction (1.5: half-way through epoch 1) decays from that step on.
+    lr_decay_epochs: Annotated[
+        list[Annotated[EpochPoint, Field(ge=0, allow_inf_nan=False)]], BeforeValidator(_listed)
+    ] = Field(default_factory=lambda: [10, 12])
     lr_decay_factor: Annotated[Number, Field(gt=0, allow_inf_nan=False)] = 0.25
     grad_clip: Annotated[Number, Field(ge=0, allow_inf_nan=False)] = 0.25  # 2-norm; 0 disables
     seed: Annotated[Integer, Field(ge=0)] = 1204
@@ -399,13 +406,15 @@ def from_yaml(path: str | Path) -> TrainConfig:
     return override(TrainConfig(), load_yaml(path), source=str(path))
 
 
-def lr_at(config: TrainConfig, epoch: int) -> float:
-    """The learning rate of `epoch` (0-indexed), set at the start of each epoch as the release
-    does: warm-up factors for the first epochs, then the last warm-up factor, multiplied by
-    `lr_decay_factor` at each decay epoch reached."""
+def lr_at(config: TrainConfig, epoch: float) -> float:
+    """The learning rate at `epoch` (0-indexed; a fraction is a point within an epoch): the
+    warm-up factor of its whole epoch (then the last warm-up factor), multiplied by
+    `lr_decay_factor` at each decay epoch reached. With whole decay epochs the rate changes only
+    at the start of an epoch, as in the release."""
     base = config.base_lr()
     warmup = config.lr_warmup or [1.0]
-    factor = warmup[epoch] if epoch < len(warmup) else warmup[-1]
+    whole = math.floor(epoch)
+    factor = warmup[whole] if whole < len(warmup) else warmup[-1]
     for decay_epoch in config.lr_decay_epochs:
         if epoch >= decay_epoch:
             factor *= config.lr_decay_factor

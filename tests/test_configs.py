@@ -14,8 +14,8 @@ from ban.cli import main
     [
         ({"lr": "abc"}, "lr must be a number, got 'abc'"),
         ({"grad_clip": "x"}, "grad_clip must be a number, got 'x'"),
-        ({"lr_decay_epochs": "ten"}, "lr_decay_epochs[0] must be an integer, got 'ten'"),
-        ({"lr_decay_epochs": [6, "x"]}, "lr_decay_epochs[1] must be an integer, got 'x'"),
+        ({"lr_decay_epochs": "ten"}, "lr_decay_epochs[0] must be a number, got 'ten'"),
+        ({"lr_decay_epochs": [6, "x"]}, "lr_decay_epochs[1] must be a number, got 'x'"),
         ({"lr_warmup": [0.5, -1]}, "lr_warmup[1] must be > 0, got -1"),
         ({"epochs": "ten"}, "epochs must be an integer, got 'ten'"),
         ({"epochs": 2.5}, "epochs must be an integer, got 2.5"),
@@ -120,7 +120,7 @@ def test_the_command_line_names_the_setting(tmp_path, capsys):
     for flag, expected in [
         ("lr=abc", "lr must be a number, got 'abc'"),
         ("grad_clip=x", "grad_clip must be a number, got 'x'"),
-        ("lr_decay_epochs=ten", "lr_decay_epochs[0] must be an integer, got 'ten'"),
+        ("lr_decay_epochs=ten", "lr_decay_epochs[0] must be a number, got 'ten'"),
         ("model.hidden=abc", "model.hidden must be an integer, got 'abc'"),
         ("model.nosuchfield=1", "model.nosuchfield: unknown model setting"),
         ("lr_decay_epochs=[1,", "--set lr_decay_epochs=[1,: not a YAML value"),

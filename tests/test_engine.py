@@ -2,6 +2,7 @@
 processes against 1 with the same global batch)."""
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -133,6 +134,25 @@ def test_train_writes_the_run_directory(tiny_data, tmp_path):
     # a second run into the same directory is refused
     with pytest.raises(ValueError, match="already holds a run"):
         engine.train(tiny_config(tiny_data), run, progress=False)
+
+
+def test_a_decay_within_an_epoch_starts_at_its_step_and_resumes_exactly(tiny_data, tmp_path):
+    config = tiny_config(tiny_data, epochs=2, lr_warmup=[1.0], lr_decay_epochs=[0.5, 1])
+    full = engine.train(config, tmp_path / "full", progress=False)
+    steps = full.progress.global_step // 2  # per epoch
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").open()]
+    rate = {r["step"]: r["lr"] for r in records if r["kind"] == "step"}
+    # the rate each step ran with: x0.25 from half-way through epoch 0, again from epoch 1
+    half = math.ceil(steps / 2)
+    assert [rate[s] for s in range(1, 2 * steps + 1)] == pytest.approx(
+        [2e-3] * half + [5e-4] * (steps - half) + [1.25e-4] * steps
+    )
+    # stopped after the decay point, resumed: the same run
+    engine.train(config, tmp_path / "part", progress=False, max_steps=half + 1)
+    engine.train(config, tmp_path / "part", resume=True, progress=False)
+    assert_same_weights(
+        tmp_path / "full" / "last.safetensors", tmp_path / "part" / "last.safetensors"
+    )
 
 
 @pytest.mark.slow

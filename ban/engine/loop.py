@@ -82,6 +82,14 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     return torch.stack(grads).norm().double() if grads else torch.zeros((), dtype=torch.float64)
 
 
+def set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: float) -> float:
+    """Set and return the schedule's rate at `epoch` (a fraction: a point within the epoch)."""
+    lr = configs.lr_at(config, epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def _grouped(iterable: Iterable, size: int) -> Iterator[list]:
     group: list = []
     for item in iterable:
@@ -165,6 +173,7 @@ def _train(task, config, env, device, run_dir, cleanup, resume, max_steps, progr
     if config.optimizer != "adamax":
         raise ValueError(f"optimizer {config.optimizer!r} is not supported; expected 'adamax'")
     optimizer = torch.optim.Adamax(params, lr=configs.lr_at(config, 0))
+    fractional_decay = any(e != int(e) for e in config.lr_decay_epochs)
     scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
     prog = Progress(sums=[0.0] * (len(ENGINE_SUMS) + len(task.sums)))
     if env.is_main:  # everything is ready: now the run directory may appear
@@ -224,11 +233,9 @@ def _train(task, config, env, device, run_dir, cleanup, resume, max_steps, progr
     with StopFlag() as stop:
         while prog.epoch < config.epochs:
             epoch = prog.epoch
-            lr = configs.lr_at(config, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             batches = epoch_batches(train_set, micro_batch, epoch, config.seed, env)
             steps_in_epoch = math.ceil(len(batches) / accum)
+            lr = set_lr(optimizer, config, epoch + prog.step_in_epoch / steps_in_epoch)
             loader = DataLoader(
                 train_set,
                 batch_sampler=SkipBatches(batches, prog.step_in_epoch * accum),
@@ -252,6 +259,8 @@ def _train(task, config, env, device, run_dir, cleanup, resume, max_steps, progr
             # make the host wait for the device. prog.sums is brought up to date after the loop.
             running = torch.tensor(prog.sums, dtype=torch.float64, device=stats_device(device))
             for micro_batches in bar:
+                if fractional_decay:  # a decay within an epoch takes effect from its step on
+                    lr = set_lr(optimizer, config, epoch + prog.step_in_epoch / steps_in_epoch)
                 n_local = sum(task.batch_size(mb) for mb in micro_batches)
                 step = torch.zeros(1 + len(task.sums), dtype=torch.float64, device=running.device)
                 for i, batch in enumerate(micro_batches):
