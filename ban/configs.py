@@ -288,6 +288,7 @@ RECIPES: dict[str, TrainConfig] = {
     # compressed to five epochs.
     "flickr-small": TrainConfig(
         task="flickr",
+        in_memory=True,
         model="ban-flickr",
         model_overrides={"embedding_dim": 64, "hidden": 128},
         train_splits=["train"],

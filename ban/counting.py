@@ -30,13 +30,61 @@ class PiecewiseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.abs()
-        w = w / w.sum()
-        # f(x) = sum_k w_k * (the covered fraction of segment k), for x in [0, 1]: equal to the
-        # original's cumulative-sum-and-gather form, but dense, so that its backward pass is a
-        # reduction rather than millions of scattered additions onto 17 weights.
-        starts = torch.arange(self.pieces, device=x.device, dtype=x.dtype)
-        covered = (self.pieces * x.unsqueeze(-1) - starts).clamp(0, 1)  # [..., pieces]
-        return covered @ w[1:].to(x.dtype)
+        w = (w / w.sum()).to(x.dtype)
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            return _SegmentMap.apply(x, w)
+        return dense_map(x, w)  # on a GPU, and under torch.compile (which fuses it)
+
+
+def dense_map(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """f(x) = sum_k w_k * (the covered fraction of segment k), for x in [0, 1]: equal to the
+    original's cumulative-sum-and-gather form, but dense, so that on a GPU its backward pass is a
+    reduction rather than millions of scattered additions onto 17 weights. `w`: the normalised
+    weights [pieces + 1], w[0] = 0."""
+    pieces = w.numel() - 1
+    starts = torch.arange(pieces, device=x.device, dtype=x.dtype)
+    covered = (pieces * x.unsqueeze(-1) - starts).clamp(0, 1)  # [..., pieces]
+    return covered @ w[1:]
+
+
+class _SegmentMap(torch.autograd.Function):
+    """`dense_map` computed at each input's segment k only (the original's form): f(x) =
+    (w_1 + ... + w_k) + frac * w_{k+1}, with k = floor(pieces * x). On a CPU this costs a few
+    operations per input instead of `pieces`; the weights' gradient is two 16-bin sums
+    (`bincount`), which a CPU adds fast and a GPU would serialise, hence `dense_map` there.
+    Inputs outside [0, 1] are clamped (f = 0 below, 1 above, no gradient), as in `dense_map`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        pieces = w.numel() - 1
+        y = x.clamp(0, 1) * pieces
+        k = y.floor().clamp(max=pieces - 1)
+        frac = y - k
+        k = k.long()
+        cumulative = w.cumsum(0) - w[0]  # w_1 + ... + w_k: w_0 takes no part, as in dense_map
+        ctx.save_for_backward(x, w, k, frac)
+        return cumulative[k] + frac * w[k + 1]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w, k, frac = ctx.saved_tensors
+        pieces = w.numel() - 1
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            inside = (x >= 0) & (x <= 1)
+            grad_x = torch.where(inside, grad * (pieces * w[k + 1]), torch.zeros_like(grad))
+        if ctx.needs_input_grad[1]:
+            # d f / d w_j = 1 for j <= k, frac for j = k + 1: per segment, the sums of grad and of
+            # grad * frac; w_j collects the first over segments k >= j and the second at k = j-1.
+            flat_k = k.reshape(-1)
+            whole = torch.bincount(flat_k, weights=grad.reshape(-1).double(), minlength=pieces)
+            part = torch.bincount(
+                flat_k, weights=(grad * frac).reshape(-1).double(), minlength=pieces
+            )
+            grad_w = torch.zeros(pieces + 1, dtype=torch.float64, device=w.device)
+            grad_w[1:] = whole.flip(0).cumsum(0).flip(0) - whole + part
+            grad_w = grad_w.to(w.dtype)
+        return grad_x, grad_w
 
 
 class Counter(nn.Module):

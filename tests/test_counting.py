@@ -92,3 +92,67 @@ def test_counts_in_fp32_under_bf16_autocast():
     assert torch.equal(out, expected.bfloat16())
     # fp64 stays fp64 (a gradcheck needs it)
     assert counter.count(boxes.double(), attention.double())[0].dtype == torch.float64
+
+
+def test_segment_form_equals_the_dense_form_in_value_and_gradients():
+    from ban.counting import _SegmentMap, dense_map
+
+    torch.manual_seed(0)
+    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        weight = torch.rand(17, dtype=dtype) * 2
+        weight[0] = 0
+        # inputs in [0, 1], a few outside it, and the ends (at the inner kinks j / 16 the two
+        # forms take different one-sided slopes; random inputs do not land there)
+        x = torch.cat(
+            [
+                torch.rand(3, 50, dtype=dtype),
+                torch.tensor([[-0.3, 1.4, 0.0, 1.0] * 12 + [0.3, 0.7]], dtype=dtype),
+            ]
+        )
+        grads = []
+        for fn in (_SegmentMap.apply, dense_map):
+            xs = x.clone().requires_grad_()
+            ws = weight.clone().requires_grad_()
+            w = ws.abs() / ws.abs().sum()
+            out = fn(xs, w)
+            (out * torch.linspace(-1, 2, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+            grads.append((out.detach(), xs.grad, ws.grad))
+        for a, b in zip(*grads, strict=True):
+            assert torch.allclose(a, b, atol=tolerance, rtol=0), (dtype, (a - b).abs().max())
+
+
+def test_counter_on_cpu_equals_the_dense_counter():
+    import ban.counting as counting
+
+    torch.manual_seed(1)
+    counter = Counter()
+    with torch.no_grad():
+        for f in counter.f:
+            f.weight.copy_(torch.rand(17) + 0.1)
+            f.weight[0] = 0
+    boxes = torch.rand(4, 4, 36)
+    boxes[:, 2:] += boxes[:, :2]
+    attention = torch.randn(4, 36, requires_grad=True)
+    results = []
+    for dense in (False, True):
+        counter.zero_grad()
+        attention.grad = None
+        if dense:  # the GPU's form, run on the CPU
+            original = counting.PiecewiseLinear.forward
+            counting.PiecewiseLinear.forward = lambda self, x: counting.dense_map(
+                x, (self.weight.abs() / self.weight.abs().sum()).to(x.dtype)
+            )
+        try:
+            out = counter(boxes, attention)
+            (out * torch.arange(11.0)).sum().backward()
+        finally:
+            if dense:
+                counting.PiecewiseLinear.forward = original
+        results.append(
+            (out.detach(), attention.grad.clone(), [f.weight.grad.clone() for f in counter.f[:8]])
+        )
+    (a_out, a_att, a_w), (b_out, b_att, b_w) = results
+    assert torch.allclose(a_out, b_out, atol=1e-6)
+    assert torch.allclose(a_att, b_att, atol=1e-5)
+    for ga, gb in zip(a_w, b_w, strict=True):
+        assert torch.allclose(ga, gb, atol=1e-4, rtol=1e-4)

@@ -355,11 +355,15 @@ class GroundingTask:
 
     def datasets(self, data_dir: Path) -> tuple[Dataset, Dataset | None]:
         c = self.config
-        parts = [GroundingDataset(data_dir, s, c.protocol, c.compat) for s in c.train_splits]
+        parts = [
+            GroundingDataset(data_dir, s, c.protocol, c.compat, c.in_memory) for s in c.train_splits
+        ]
         train_set = parts[0] if len(parts) == 1 else ConcatDataset(parts)
         self.collate = Collate(parts[0].dictionary.padding_idx)
         self.eval_set = (
-            GroundingDataset(data_dir, c.eval_split, c.protocol, c.compat) if c.eval_split else None
+            GroundingDataset(data_dir, c.eval_split, c.protocol, c.compat, c.in_memory)
+            if c.eval_split
+            else None
         )
         return train_set, self.eval_set
 
