@@ -657,13 +657,19 @@ def _add_data_commands(data) -> None:
         "synth", help="generate the built-in scene benchmark (raw files in the real formats)"
     )
     p.add_argument("--out", required=True, help="the raw folder to write")
-    p.add_argument("--train-images", type=int, help="train2014 images (default 4000)")
+    p.add_argument("--train-images", type=int, help="train2014 images (default 24000)")
     p.add_argument("--val-images", type=int, help="val2014 images (default 1000)")
     p.add_argument("--test-images", type=int, help="test2015 images (default 250; test-dev: half)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same bytes")
     p.add_argument("--feature-dim", type=int, help="region feature size (default 128; real: 2048)")
     p.add_argument("--boxes", default="36", help="boxes per image: a number or 'adaptive' (10-100)")
     p.add_argument("--no-images", action="store_true", help="skip the PNG images")
+    p.add_argument(
+        "--no-train-images",
+        action="store_true",
+        help="PNG images of val2014 and test2015 only (as the default benchmark: training reads "
+        "the features alone)",
+    )
     p.add_argument(
         "--families",
         nargs="+",
@@ -815,6 +821,7 @@ def _run_synth(args) -> int:
         adaptive=args.boxes == "adaptive",
         num_boxes=36 if args.boxes == "adaptive" else int(args.boxes),
         images=not args.no_images,
+        train_pictures=not args.no_train_images,
         workers=args.workers,
         features=args.features,
         backbone=args.backbone,

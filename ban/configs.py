@@ -9,9 +9,8 @@ Why it is long (about 400 lines): the typed settings and the words of their erro
 
 from __future__ import annotations
 
-import math
-
 import functools
+import math
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal

@@ -195,7 +195,8 @@ class App:
             ids.update(FeatureStore(path).image_ids())
         if not ids:
             raise FileNotFoundError(f"no image features in {predictor.data_dir / 'features'}")
-        self.image_ids = sorted(ids)
+        # Images with a picture first (the built-in benchmark draws only its val and test images).
+        self.image_ids = sorted(ids, key=lambda i: (self.images.path(i) is None, i))
         self._known = frozenset(ids)
         self._lock = threading.Lock()
         self.png = lru_cache(maxsize=512)(self._png)

@@ -324,9 +324,9 @@ def test_the_real_readers_load_every_file(raw, tmp_path):
 def test_default_benchmark_is_built_once_atomically(tmp_path, monkeypatch):
     calls, generate = [], scenes.generate
 
-    def tiny(out_dir):
+    def tiny(out_dir, **options):
         calls.append(out_dir)
-        return generate(out_dir, 4, 2, 0, feature_dim=4, images=False, workers=1)
+        return generate(out_dir, 4, 2, 1, feature_dim=4, workers=1, **options)
 
     monkeypatch.setattr(scenes, "generate", tiny)
     monkeypatch.setattr(scenes, "_check_default", lambda raw: None)  # tiny is not the default
@@ -334,13 +334,20 @@ def test_default_benchmark_is_built_once_atomically(tmp_path, monkeypatch):
     first = scenes.default_benchmark()
     assert first == tmp_path / "cache" / scenes.VERSION / "raw"
     assert (first / "v2_mscoco_train2014_annotations.json").is_file()
+    # pictures of the val and test images only: training reads the features alone
+    assert sorted(int(p.stem) for p in (first / "images").glob("*.png")) == [
+        2_000_001,
+        2_000_002,
+        3_000_001,
+    ]
+    assert scenes.read_json(first / "scenes.json")["options"]["pictures"] == "val+test"
     assert scenes.default_benchmark() == first and len(calls) == 1
     assert [p.name for p in first.parent.iterdir()] == ["raw"]  # no temporary left behind
     assert (
         scenes.default_benchmark(tmp_path / "other") == tmp_path / "other" / scenes.VERSION / "raw"
     )
 
-    def broken(out_dir):
+    def broken(out_dir, **options):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(scenes, "generate", broken)
@@ -361,6 +368,7 @@ def test_a_cached_benchmark_that_is_not_the_default_is_refused(tmp_path):
             "boxes": 36,
             "captions_per_image": 5,
             "families": list(scenes.DEFAULT_FAMILIES),
+            "pictures": "val+test",
         },
         "splits": {name: {"images": [{}] * n} for name, n in splits.items()},
     }
@@ -388,7 +396,7 @@ def test_default_prepared_runs_prepare_once(tmp_path, monkeypatch):
     pytest.importorskip("ban.data.prepare")
     generate = scenes.generate
 
-    def tiny(out_dir):
+    def tiny(out_dir, **options):
         return generate(out_dir, 12, 4, 2, feature_dim=4, images=False, workers=1)
 
     monkeypatch.setattr(scenes, "generate", tiny)

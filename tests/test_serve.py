@@ -60,7 +60,9 @@ def test_answer_and_images(server):
     assert all(len(b["box"]) == 4 for g in body["boxes"] for b in g)
 
     status, listing = request(server, "GET", "/api/images?limit=5")
-    assert status == 200 and len(listing["images"]) == 5 and listing["total"] >= 5
+    assert status == 200 and len(listing["images"]) == 5 and listing["total"] == 16 + 6 + 2
+    # the images with a picture (val and test: the training images have none) come first
+    assert [i["image_id"] for i in listing["images"]] == [2_000_001 + k for k in range(5)]
     status, png = request(server, "GET", listing["images"][0]["url"])
     assert status == 200 and png.startswith(b"\x89PNG")
     status, page = request(server, "GET", "/")

@@ -17,7 +17,8 @@ def tiny_viz_run(tmp_path_factory) -> tuple[Path, Path]:
     from ban.data.prepare import prepare
 
     raw = scenes.generate(root / "raw", train_images=16, val_images=6, test_images=2,
-                          feature_dim=16, images=True, captions_per_image=1, workers=1)  # fmt: skip
+                          feature_dim=16, images=True, train_pictures=False, captions_per_image=1,
+                           workers=1)  # fmt: skip
     prepare(raw, data, min_answer_count=1, progress=False)
     settings = [f"--set={k}={v}" for k, v in TINY_MODEL.items()]
     code = main(["train", "--data", str(data), "--epochs", "1", "--max-steps", "3",

@@ -538,6 +538,7 @@ def generate(
     adaptive: bool = False,
     num_boxes: int = DEFAULT_NUM_BOXES,
     images: bool = True,
+    train_pictures: bool = True,
     captions_per_image: int = CAPTIONS_PER_IMAGE,
     families: tuple[str, ...] | list[str] = DEFAULT_FAMILIES,
     workers: int | None = None,
@@ -555,8 +556,10 @@ def generate(
     `num_boxes` boxes per image, or 10..100 with `adaptive`, features [n, feature_dim]),
     `flickr30k/{Sentences,Annotations}/<image_id>.{txt,xml}` and `flickr30k/{train,val,test}.txt`
     (the train2014, val2014 and test2015 images), `images/<image_id>.png` (unless
-    `images=False`) and `scenes.json` (ground truth: objects, question families). test-dev2015 is
-    the first half of test2015's images.
+    `images=False`; only val2014's and test2015's with `train_pictures=False`: training reads the
+    features alone, and drawing the pictures is a third of the generation time) and `scenes.json`
+    (ground truth: objects, question families). test-dev2015 is the first half of test2015's
+    images.
 
     The same arguments give byte-identical files. `workers` processes (default: the CPU count,
     at most 8) share the work without changing any byte.
@@ -573,8 +576,11 @@ def generate(
         raise ValueError(f"generate: features must be one of {FEATURE_SOURCES}, got {features!r}")
     detector = features == "detector"
     if not detector:
-        if not images:
-            raise ValueError("generate: features='backbone' featurises the PNGs: images=False")
+        if not images or not train_pictures:
+            raise ValueError(
+                "generate: features='backbone' featurises the PNGs of every image: images=False "
+                "or train_pictures=False"
+            )
         if grid < DEFAULT_GRID or backbone_size < 32:
             raise ValueError(
                 f"generate: expected grid >= {DEFAULT_GRID} (at least 10 regions for the counting "
@@ -609,7 +615,7 @@ def generate(
             seed,
             feature_dim,
             boxes,
-            images,
+            images and (train_pictures or split != "train2014"),
             captions_per_image,
             detector,
             families,
@@ -625,6 +631,7 @@ def generate(
         "boxes": "adaptive" if adaptive else num_boxes,
         "captions_per_image": captions_per_image,
         "families": list(families),
+        "pictures": ("all" if train_pictures else "val+test") if images else "none",
     }
     extractor = None
     if not detector:
@@ -818,7 +825,9 @@ def default_benchmark(cache_dir: str | Path | None = None) -> Path:
     """The default scene benchmark's RAW directory, generated on first use (a few seconds) into
     `cache_root(cache_dir)/raw`. A cached directory made with other options (an earlier
     generator, or `generate` called with other sizes into the cache) is refused, not reused."""
-    raw = _build_once(cache_root(cache_dir) / "raw", generate)
+    raw = _build_once(
+        cache_root(cache_dir) / "raw", lambda tmp: generate(tmp, train_pictures=False)
+    )
     _check_default(raw)
     return raw
 
@@ -830,6 +839,7 @@ def _check_default(raw: Path) -> None:
         "boxes": DEFAULT_NUM_BOXES,
         "captions_per_image": CAPTIONS_PER_IMAGE,
         "families": list(DEFAULT_FAMILIES),
+        "pictures": "val+test",
     }
     expected_images = {
         "train2014": DEFAULT_TRAIN_IMAGES,
