@@ -58,7 +58,8 @@ class _SegmentMap(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         pieces = w.numel() - 1
         y = x.clamp(0, 1) * pieces
-        k = y.floor().clamp(max=pieces - 1)
+        # NaN inputs take segment 0 and give NaN (through frac), as the dense form does
+        k = y.floor().nan_to_num(0.0).clamp(max=pieces - 1)
         frac = y - k
         k = k.long()
         cumulative = w.cumsum(0) - w[0]  # w_1 + ... + w_k: w_0 takes no part, as in dense_map

@@ -64,7 +64,8 @@ def test_values_are_coerced_only_where_unambiguous():
     # YAML reads `1e-3` as a string: it is the number 0.001
     assert (config.lr, config.epochs) == (1e-3, 3)
     assert (config.lr_decay_epochs, config.train_splits) == ([2], ["val2014"])
-    assert configs.lr_at(config, 0) == pytest.approx(0.5e-3)
+    assert configs.lr_at(config, 1) == pytest.approx(1e-3)
+    assert configs.lr_at(config, 2) == pytest.approx(0.25e-3)
 
 
 def test_a_yaml_file_with_wrong_values_is_named(tmp_path):

@@ -121,6 +121,12 @@ def test_segment_form_equals_the_dense_form_in_value_and_gradients():
             assert torch.allclose(a, b, atol=tolerance, rtol=0), (dtype, (a - b).abs().max())
 
 
+def test_a_nan_input_gives_nan_not_an_error():
+    f = PiecewiseLinear(16)
+    y = f(torch.tensor([0.3, float("nan"), 2.0, -1.0]))
+    assert y[1].isnan() and torch.allclose(y[[0, 2, 3]], torch.tensor([0.3, 1.0, 0.0]))
+
+
 def test_counter_on_cpu_equals_the_dense_counter():
     import ban.counting as counting
 

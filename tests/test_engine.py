@@ -105,7 +105,8 @@ def test_config_layers_and_errors(tmp_path):
 
 
 def test_train_writes_the_run_directory(tiny_data, tmp_path):
-    result = engine.train(tiny_config(tiny_data), tmp_path / "run", progress=False)
+    config = tiny_config(tiny_data, lr_warmup=[0.5, 1.0])
+    result = engine.train(config, tmp_path / "run", progress=False)
     run = tmp_path / "run"
     assert result.status == "finished"
     for name in ("config.yaml", "command.txt", "metrics.jsonl", "state.pt", "last.safetensors",

@@ -50,8 +50,8 @@ from ban.data.scene_world import (
 )
 from ban.files import read_json
 
-VERSION = "scenes-v2"
-DEFAULT_TRAIN_IMAGES = 4000
+VERSION = "scenes-v3"
+DEFAULT_TRAIN_IMAGES = 24000
 DEFAULT_VAL_IMAGES = 1000
 DEFAULT_TEST_IMAGES = 250
 DEFAULT_FEATURE_DIM = 128
