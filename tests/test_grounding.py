@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import ban
 from ban import cli, configs, engine, metrics
 from ban.data import flickr
-from ban.data.features import Region, write_tsv
+from ban.data.features import FeatureStore, Region, write_tsv
 from ban.tasks import grounding
 
 
@@ -149,6 +149,16 @@ def test_prepared_directory_counts(prepared):
     }
     records = flickr.read_records(prepared, "val")
     assert len(records) == 6
+
+
+def test_max_images_keeps_the_first_images_of_each_split(prepared, tmp_path):
+    raw = flickr.read_prepared_manifest(prepared)["raw_dir"]
+    cut = flickr.prepare_flickr(raw, tmp_path / "cut", max_images=2)
+    manifest = flickr.read_prepared_manifest(cut)
+    assert manifest["max_images"] == 2 and manifest["splits"]["val"]["images"] == 2
+    first_two = flickr.read_split(f"{raw}/flickr30k/val.txt")[:2]
+    assert {r["image_id"] for r in flickr.read_records(cut, "val")} == set(first_two)
+    assert sorted(FeatureStore(cut / "features" / "val.h5").image_ids()) == sorted(first_two)
 
 
 def test_last_batch_of_one_and_predictions(prepared):

@@ -283,10 +283,12 @@ def prepare_flickr(
     splits: tuple[str, ...] = SPLITS,
     glove: str | Path | None = None,
     progress: bool = False,
+    max_images: int | None = None,
 ) -> Path:
     """RAW (module docstring) -> a prepared grounding directory. The dictionary covers every
     caption of every split, as the release's does (a test vocabulary); features come from
-    RAW/features/*.tsv through the HDF5 converter."""
+    RAW/features/*.tsv through the HDF5 converter. `max_images`: only the first N images of
+    each split's list (the built-in benchmark grounds on its first 4,000 training scenes)."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     flickr_dir = raw_dir / "flickr30k"
     for split in splits:
@@ -296,12 +298,13 @@ def prepare_flickr(
     if not tsvs:
         raise FileNotFoundError(f"{raw_dir / 'features'}: no bottom-up TSV feature files")
     (out_dir / "features").mkdir(parents=True, exist_ok=True)
-    split_ids = {s: read_split(flickr_dir / f"{s}.txt") for s in splits}
+    split_ids = {s: read_split(flickr_dir / f"{s}.txt")[:max_images] for s in splits}
     texts: list[str] = []
     manifest: dict = {
         "format": FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "raw_dir": str(raw_dir),
+        "max_images": max_images,
         "splits": {},
     }
     for split in splits:
