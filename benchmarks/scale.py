@@ -376,7 +376,7 @@ def step_pictures(root: Path, counts: list[int], rows: list[dict], args) -> None
         run(
             ban(
                 "data", "synth", "--out", raw, "--train-images", n, "--val-images", 0,
-                "--test-images", 0, "--feature-dim", 8, "--quiet",
+                "--test-images", 0, "--feature-dim", 8, "--workers", 1, "--quiet",
             )
         )  # fmt: skip
         for name in ("features", "flickr30k"):
@@ -438,7 +438,8 @@ def row(step: str, size: int, unit: str, m: dict, real: int | None, **extra) -> 
     r.update({k: v for k, v in m.items() if k != "output"}, **extra)
     print(
         f"  {step:34s} {size:>9,} {unit:9s} {r['wall_s']:8.1f} s  cpu {r['cpu_s']:7.1f} s  "
-        f"{size / max(r['wall_s'], 1e-9):9.1f} {unit}/s  rss {r['rss_mib']:7.0f} MiB  "
+        f"{size / max(r['wall_s'], 1e-9):9.1f} {unit}/s  "
+        f"cpu/item {1000 * r['cpu_s'] / size:8.2f} ms  rss {r['rss_mib']:7.0f} MiB  "
         f"disk {r['disk_mib']:8.0f} MiB  load {r['load']:.1f}",
         flush=True,
     )
@@ -474,7 +475,9 @@ def summary(rows: list[dict]) -> str:
             lines.append(f"{step:34s} {shown:>24s} {t_exp:8.2f} {m_exp:8.2f}")
             continue
         t_real = _linear(sizes, [r["wall_s"] for r in runs], real)
-        m_real = _linear(sizes, [r["rss_mib"] for r in runs], real)
+        # memory: flat (exponent below 0.3) carries over as the largest measured; else fitted
+        rss = [r["rss_mib"] for r in runs]
+        m_real = max(rss) if m_exp < 0.3 else _linear(sizes, rss, real)
         d_real = last["disk_mib"] * real / last["size"]
         lines.append(
             f"{step:34s} {shown:>24s} {t_exp:8.2f} {m_exp:8.2f} {real:>10,} "
