@@ -369,37 +369,122 @@ def step_train_evaluate(root: Path, prepared: dict[float, Path], rows: list[dict
         rows.append(row("evaluate ban-8-vqa", n, "questions", m, VQA["val2014"][0]))
 
 
+PICTURE_FILES = (
+    ("v2_OpenEnded_mscoco_train2014_questions.json", "questions"),
+    ("v2_mscoco_train2014_annotations.json", "annotations"),
+)
+
+
+def _picture_subset(raw: Path, n: int, out: Path) -> Path:
+    """The first ``n`` pictures of ``raw/images`` (symbolic links) with their questions."""
+    images = sorted((raw / "images").glob("*.png"), key=lambda p: int(p.stem))[:n]
+    if len(images) < n:
+        raise ValueError(f"{raw}/images holds {len(images)} pictures, fewer than {n}")
+    ids = {int(p.stem) for p in images}
+    (out / "images").mkdir(parents=True)
+    for path in images:
+        os.symlink(path.resolve(), out / "images" / path.name)
+    for name, key in PICTURE_FILES:
+        data = json.loads((raw / name).read_text(encoding="utf-8"))
+        data[key] = [x for x in data[key] if x["image_id"] in ids]
+        (out / name).write_text(json.dumps(data), encoding="utf-8")
+    return out
+
+
+def kill_and_resume(cmd: list, partial: Path, after_s: float, outputs: list[Path]) -> dict:
+    """Run ``cmd``, ``kill -9`` it after ``after_s`` seconds, run it again to the end: the two
+    runs' wall and CPU summed, the larger peak RSS, and what the killed run had checkpointed."""
+    import h5py
+
+    log = Path(os.environ.get("SCALE_ROOT", "/tmp/scale")) / "killed.log"
+    with open(log, "wb") as out:
+        start = time.perf_counter()
+        process = subprocess.Popen(["nice", "-n", "10", *map(str, cmd)], stdout=out, stderr=out)
+        try:
+            process.wait(after_s)
+            raise RuntimeError(f"{cmd} ended before the kill at {after_s} s: give a smaller one")
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, 9)
+        _, _, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+    with h5py.File(partial, "r") as f:
+        checkpointed = int(f.attrs["done_images"])
+    m = run(cmd, outputs)
+    resumed = [line for line in m["output"].splitlines() if "resuming" in line]
+    print(f"  killed after {wall:.0f} s with {checkpointed:,} pictures checkpointed; rerun: "
+          f"{resumed[-1] if resumed else 'NO resume line'}", flush=True)  # fmt: skip
+    m["killed_wall_s"], m["checkpointed"] = wall, checkpointed
+    m["wall_s"] += wall
+    m["cpu_s"] += usage.ru_utime + usage.ru_stime
+    m["rss_mib"] = max(m["rss_mib"], usage.ru_maxrss / 1024)
+    return m
+
+
+def same_features(extracted: Path, prepared: list[Path]) -> tuple[int, float]:
+    """Images compared and the largest absolute difference between the features of an
+    extraction and those of the prepared files (``from-images``) for the same image ids."""
+    import h5py
+
+    with h5py.File(extracted, "r") as a:
+        rows = dict(zip(a["image_ids"][()].tolist(), a["pos_boxes"][()].tolist(), strict=True))
+        n, worst = 0, 0.0
+        for path in prepared:
+            with h5py.File(path, "r") as b:
+                ids, pos = b["image_ids"][()].tolist(), b["pos_boxes"][()]
+                for k in range(0, len(ids), 256):  # blocks of images in the same order in both
+                    block = ids[k : k + 256]
+                    first, last = rows[block[0]][0], rows[block[-1]][1]
+                    mine = b["image_features"][pos[k][0] : pos[k + len(block) - 1][1]]
+                    theirs = a["image_features"][first:last]
+                    if mine.shape != theirs.shape:
+                        raise ValueError(f"{path}: images {block[0]}..{block[-1]} differ in rows")
+                    worst = max(worst, float(np.abs(mine - theirs).max()))
+                    n += len(block)
+    return n, worst
+
+
 def step_pictures(root: Path, counts: list[int], rows: list[dict], args) -> None:
-    """`ban features extract` and `ban data from-images` (EfficientNet-Lite0, 320 px, 7 x 7)."""
-    for n in counts:
-        raw = root / f"pics-{n}"
+    """`ban features extract` and `ban data from-images` (EfficientNet-Lite0, 320 px, 7 x 7) on
+    the first N of one set of generated pictures (made once, at the largest N; reused when
+    ROOT/pics exists). With ``--kill-after S``, the largest extraction is killed (``kill -9``)
+    after S seconds and run again; its features are compared with from-images' own."""
+    raw = root / "pics"
+    if not (raw / "images").is_dir():
         run(
             ban(
-                "data", "synth", "--out", raw, "--train-images", n, "--val-images", 0,
+                "data", "synth", "--out", raw, "--train-images", max(counts), "--val-images", 0,
                 "--test-images", 0, "--feature-dim", 8, "--workers", 1, "--quiet",
             )
         )  # fmt: skip
-        for name in ("features", "flickr30k"):
-            shutil.rmtree(raw / name)
+    for n in sorted(counts):
+        sub = _picture_subset(raw, n, root / f"pics-{n}")
         out = root / f"extract-{n}.h5"
-        m = run(
-            ban("features", "extract", "--images", raw / "images", "--out", out, "--quiet"), [out]
-        )
-        rows.append(row("features extract (lite0 320 px)", n, "images", m, TRAINVAL_IMAGES))
-        out.unlink()
+        cmd = ban("features", "extract", "--images", sub / "images", "--out", out, "--quiet")
+        killed = args.kill_after and n == max(counts)
+        if killed:
+            partial = out.with_name(out.name + ".partial")
+            m = kill_and_resume(cmd, partial, args.kill_after, [out])
+            name = "features extract, killed + resumed"
+        else:
+            m, name = run(cmd, [out]), "features extract (lite0 320 px)"
+        rows.append(row(name, n, "images", m, TRAINVAL_IMAGES))
         data = root / f"fromimg-{n}"
         m = run(
             ban(
-                "data", "from-images", "--images", raw / "images", "--questions",
-                raw / "v2_OpenEnded_mscoco_train2014_questions.json", "--annotations",
-                raw / "v2_mscoco_train2014_annotations.json", "--out", data,
-                "--val-fraction", 0.2, "--quiet",
+                "data", "from-images", "--images", sub / "images", "--questions",
+                sub / PICTURE_FILES[0][0], "--annotations", sub / PICTURE_FILES[1][0],
+                "--out", data, "--val-fraction", 0.2, "--quiet",
             ),
             [data],
         )  # fmt: skip
         rows.append(row("data from-images (lite0)", n, "images", m, TRAINVAL_IMAGES))
+        if killed:
+            compared, worst = same_features(out, sorted((data / "features").glob("*.h5")))
+            print(f"  resumed extraction vs from-images' uninterrupted one: {compared:,} images, "
+                  f"largest difference {worst:g}", flush=True)  # fmt: skip
+        out.unlink()
         shutil.rmtree(data)
-        shutil.rmtree(raw)
+        shutil.rmtree(sub)
 
 
 def step_questions(root: Path, fractions: list[float], rows: list[dict], args) -> None:
@@ -498,6 +583,11 @@ def main() -> None:
     parser.add_argument("--features", nargs="+", type=float, default=[0.002, 0.004, 0.008])
     parser.add_argument("--questions", nargs="+", type=float, default=[0.1, 0.3, 1.0])
     parser.add_argument("--pictures", nargs="+", type=int, default=[24, 48, 96])
+    parser.add_argument(
+        "--kill-after",
+        type=float,
+        help="pictures: kill -9 the largest extraction after this many seconds and resume it",
+    )
     parser.add_argument("--loader-batches", type=int, default=20, help="batches of 256 per run")
     parser.add_argument("--train-steps", type=int, default=2)
     parser.add_argument("--json", help="also write the rows to this JSON file")
