@@ -45,6 +45,7 @@ GLOVE_WORDS, GLOVE_DIM = 400_000, 300
 VOCAB = 19_900  # question words (the release's dictionary: 19,901 with padding)
 ANSWER_POOL = 20_000  # answer strings; ~3,000 reach the release's count of 9
 PYTHON = sys.executable
+NICE = 10  # each step runs under `nice -n NICE` (added to this script's own niceness): --nice
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,7 +58,9 @@ def run(cmd: list[str], outputs: list[Path] = (), log: Path | None = None) -> di
     log = log or Path(os.environ.get("SCALE_ROOT", "/tmp/scale")) / "last.log"
     with open(log, "wb") as out:
         start = time.perf_counter()
-        process = subprocess.Popen(["nice", "-n", "10", *map(str, cmd)], stdout=out, stderr=out)
+        process = subprocess.Popen(
+            ["nice", "-n", str(NICE), *map(str, cmd)], stdout=out, stderr=out
+        )
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)
@@ -407,7 +410,9 @@ def kill_and_resume(cmd: list, partial: Path, after_s: float, outputs: list[Path
     log = Path(os.environ.get("SCALE_ROOT", "/tmp/scale")) / "killed.log"
     with open(log, "wb") as out:
         start = time.perf_counter()
-        process = subprocess.Popen(["nice", "-n", "10", *map(str, cmd)], stdout=out, stderr=out)
+        process = subprocess.Popen(
+            ["nice", "-n", str(NICE), *map(str, cmd)], stdout=out, stderr=out
+        )
         try:
             process.wait(after_s)
             raise RuntimeError(f"{cmd} ended before the kill at {after_s} s: give a smaller one")
@@ -677,8 +682,13 @@ def main() -> None:
     parser.add_argument("--loader-batches", type=int, default=20, help="batches of 256 per run")
     parser.add_argument("--train-steps", type=int, default=2)
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument(
+        "--nice", type=int, default=10, help="niceness added to each step's process (10)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
     args = parser.parse_args()
+    global NICE
+    NICE = args.nice
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     os.environ["SCALE_ROOT"] = str(root)
