@@ -121,7 +121,7 @@ class _LiteTrunk(nn.Module):
             args = block._block_args
             expand = _fold(block._expand_conv, block._bn0, True) if args.expand_ratio != 1 else None
             # the package's own test for the skip connection (its stride is [s] in the first
-            # block of each stage, so only the repeats add their input), kept as it computes it
+            # block of each stage, where the channels change anyway: the repeats add their input)
             skip = bool(
                 block.id_skip and args.stride == 1 and args.input_filters == args.output_filters
             )
