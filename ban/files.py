@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -49,15 +49,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def write_jsonl(rows: list[dict], path: str | os.PathLike) -> None:
-    """One JSON object per line, atomically. A NaN or infinity is refused (it is not JSON),
+def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> None:
+    """One JSON object per line, atomically, written line by line (no copy of the whole text:
+    214,354 predictions of val2014 are ~30 MB). A NaN or infinity is refused (it is not JSON),
     naming the row."""
-    lines = []
-    for i, row in enumerate(rows):
-        try:
-            lines.append(json.dumps(row, allow_nan=False))
-        except ValueError:
-            raise ValueError(
-                f"{path}: row {i} holds a non-finite number and would not be valid JSON: {row}"
-            ) from None
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for i, row in enumerate(rows):
+                try:
+                    f.write(json.dumps(row, allow_nan=False) + "\n")
+                except ValueError:
+                    raise ValueError(
+                        f"{path}: row {i} holds a non-finite number and would not be valid JSON: "
+                        f"{row}"
+                    ) from None
+
+    atomic_write(path, write)

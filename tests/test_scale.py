@@ -40,6 +40,29 @@ def test_scale_generators_write_what_prepare_reads(tmp_path):
     assert scale.slope([1, 2, 4], [3, 6, 12]) == __import__("pytest").approx(1.0)
 
 
+def test_scale_evaluate_data_cut_to_a_size(tmp_path):
+    """The evaluate step's data: chosen splits only, a split cut to its first questions with
+    the same dictionary and answers; same_features compares two feature files."""
+    from ban.data.prepare import prepare
+    from ban.data.vqa import VQADataset
+    from tests import benchmark_scripts
+
+    scale = benchmark_scripts.load("scale")
+    raw = tmp_path / "raw"
+    (raw / "features").mkdir(parents=True)
+    ids = scale.write_vqa(raw, 1.0, splits={"train2014": 0.0001, "val2014": 0.0002})
+    assert set(ids) == {"train2014", "val2014"} and len(ids["val2014"]) == 8
+    assert not (raw / "v2_OpenEnded_mscoco_test2015_questions.json").exists()
+    scale.write_small_tsv(raw / "features" / "s.tsv", ids["train2014"] + ids["val2014"], 3, 8)
+    data = prepare(raw, tmp_path / "data", min_answer_count=1, progress=False)
+    cut = scale._cut_split(data, "val2014", 5, tmp_path / "cut")
+    full, part = VQADataset(data, "val2014"), VQADataset(cut, "val2014")
+    assert len(full) == round(0.0002 * 214_354) and len(part) == 5
+    assert part.entries[:5] == full.entries[:5] and part.answers == full.answers
+    h5 = sorted((data / "features").glob("*.h5"))
+    assert scale.same_features(h5[0], h5[0])[1] == 0.0
+
+
 @__import__("pytest").mark.parametrize("fix_idf", [False, True])
 def test_tfidf_counted_in_chunks_is_the_releases(fix_idf):
     """tfidf_matrix counts pairs chunk by chunk (bounded memory at VQA v2 + VG size): the same

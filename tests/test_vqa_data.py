@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ban.data.vqa import (
+    Entries,
     answer_scores,
     answer_vocabulary,
     collate,
@@ -164,3 +165,69 @@ def test_collate_pads_with_zero_rows():
     torch.testing.assert_close(batch["target"][1], samples[1]["target"])
     assert batch["question_id"] == [1, 2] and batch["image_id"] == [101, 102]
     assert "target" not in collate([_sample(2, target=False)])
+
+
+LINES = [
+    {"question_id": 1, "image_id": 7, "question": "What is it?", "tokens": [3, 4, 0],
+     "answers": ["yes"] * 9 + ["no"], "multiple_choice_answer": "yes", "answer_type": "yes/no",
+     "question_type": "is", "labels": [0, 1], "scores": [1.0, 0.3]},
+    {"question_id": 2, "image_id": 7, "question": "Who?", "tokens": [5, 0, 0], "answers": [],
+     "labels": [], "scores": []},  # other keys, empty lists
+    {"question_id": 3, "image_id": 8, "vg_image_id": 99, "question": "x", "tokens": [1, 2, 3],
+     "answers": ["a."], "labels": [2], "scores": [1.0]},  # a Visual Genome line
+    {"question_id": 4, "image_id": 9, "question": None, "tokens": [1, 2.5], "answer_type": 5,
+     "extra": {"a": [1]}, "flag": True, "labels": [2**40], "scores": [1, 0.5]},  # odd values
+]  # fmt: skip
+
+
+def test_entries_by_column_give_back_every_line():
+    entries = Entries(json.loads(json.dumps(line)) for line in LINES)
+    assert len(entries) == 4 and [entries[i] for i in range(4)] == LINES
+    assert list(entries) == LINES and entries[-1] == LINES[-1] and entries[1:3] == LINES[1:3]
+    assert [list(e) for e in entries] == [list(line) for line in LINES]  # the keys' order too
+    assert type(entries[0]["scores"][1]) is float and entries[0]["scores"] == [1.0, 0.3]
+    assert entries[3]["scores"] == [1, 0.5] and type(entries[3]["scores"][0]) is int
+    assert entries[3]["labels"] == [2**40] and entries[2]["labels"] == [2]  # beyond int32
+    assert entries.get(1, "answer_type") is None and entries.get(1, "answer_type", "x") == "x"
+    assert entries.get(2, "answers") == ["a."] and entries.get(3, "question") is None
+    with pytest.raises(IndexError):
+        entries[4]
+    entries.seal()  # appending after sealing still works
+    entries.append(LINES[0])
+    assert entries[4] == LINES[0] and entries[0] == LINES[0]
+
+
+def _sealed(entries):
+    entries.seal()
+    return entries
+
+
+def test_entries_take_a_fraction_of_the_memory_of_dicts():
+    """The dataset held each question as a dict (~2.6 KB a VQA question as read from jsonl);
+    by column it takes a few hundred bytes."""
+    import tracemalloc
+
+    def lines(n):
+        for i in range(n):
+            line = {
+                "question_id": 100_000_000 + i, "image_id": 500_000 + i // 5,
+                "question": f"What color is the thing number {i} here?",
+                "tokens": [(i * 7 + k) % 19_000 for k in range(14)],
+                "answers": [f"answer {(i + k // 4) % 300}" for k in range(10)],
+                "multiple_choice_answer": f"answer {i % 300}", "answer_type": "other",
+                "question_type": "what color is the", "labels": [i % 3000, 7],
+                "scores": [1.0, 0.3],
+            }  # fmt: skip
+            yield json.loads(json.dumps(line))  # new objects, as read from a jsonl file
+
+    def measure(build):
+        tracemalloc.start()
+        kept = build()
+        size = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        return kept, size / 3000
+
+    dicts, per_dict = measure(lambda: list(lines(3000)))
+    entries, per_entry = measure(lambda: _sealed(Entries(lines(3000))))
+    assert entries[1234] == dicts[1234]
+    assert per_dict > 1500 and per_entry < 400 and per_entry < per_dict / 5, (per_dict, per_entry)

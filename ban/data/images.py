@@ -28,8 +28,10 @@ import os
 import re
 import warnings
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -60,15 +62,100 @@ class Backbone:
     std: tuple[float, float, float] = IMAGENET_STD
 
 
-class _FeatureMap(nn.Module):
-    """EfficientNet's convolutional trunk (no pooling, no classifier): ``[B, 1280, S/32, S/32]``."""
+# oneDNN's fused convolution (the one torch.compile uses on CPUs), when this torch has it
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(
+    torch.ops.mkldnn, "_convolution_pointwise"
+)
+
+
+class _Conv(NamedTuple):
+    """One convolution with its batch norm folded in: ``w [O, I/groups, k, k]``, ``b [O]``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    stride: list[int]
+    padding: list[int]
+    groups: int
+    relu6: bool
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, relu6: bool) -> _Conv:
+    """``bn(conv(pad(x)))`` as one convolution (inference: the running statistics).
+
+    The package pads "same" as TensorFlow does, with one more zero row and column at the bottom
+    and right than at the top and left for its stride-2 layers. A kernel grown by a zero row and
+    column at its top and left, padded alike on both sides, computes the same sums without a
+    padded copy of the input (which cost as much as the convolution in the profile).
+    """
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    pad = getattr(conv, "static_padding", None)
+    left, right, top, bottom = pad.padding if isinstance(pad, nn.ZeroPad2d) else (0, 0, 0, 0)
+    grow = (max(right - left, 0), max(left - right, 0), max(bottom - top, 0), max(top - bottom, 0))
+    weight = nn.functional.pad(weight, grow)
+    return _Conv(
+        weight.detach().contiguous(), bias.detach().contiguous(), list(conv.stride),
+        [max(top, bottom), max(left, right)], conv.groups, relu6,
+    )  # fmt: skip
+
+
+class _LiteTrunk(nn.Module):
+    """EfficientNet-Lite's convolutional trunk (no pooling, no classifier) in inference form:
+    ``[B, 3, S, S] -> [B, 1280, S/32, S/32]``, the package's ``extract_features`` computed with
+    each batch norm folded into its convolution, channels-last tensors, and on the CPU oneDNN
+    convolutions with the ReLU6 fused (PyTorch's own choice for a 1 x 1 convolution on one
+    thread copies its input; a separate ReLU6 is one more pass over each map).
+    Equal to the package's output up to float rounding (tests/test_images.py).
+    """
+
+    channels_last = True
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
-        self.net = net
+        self.stem = _fold(net._conv_stem, net._bn0, True)
+        self.blocks = []
+        for block in net._blocks:
+            args = block._block_args
+            expand = _fold(block._expand_conv, block._bn0, True) if args.expand_ratio != 1 else None
+            # the package's own test for the skip connection (its stride is [s] in the first
+            # block of each stage, where the channels change anyway: the repeats add their input)
+            skip = bool(
+                block.id_skip and args.stride == 1 and args.input_filters == args.output_filters
+            )
+            depthwise = _fold(block._depthwise_conv, block._bn1, True)
+            project = _fold(block._project_conv, block._bn2, False)
+            self.blocks.append((expand, depthwise, project, skip))
+        self.head = _fold(net._conv_head, net._bn1, True)
+
+    def _apply(self, fn, recurse=True):  # .to(device) moves the folded weights
+        def move(c: _Conv | None) -> _Conv | None:
+            return None if c is None else c._replace(weight=fn(c.weight), bias=fn(c.bias))
+
+        self.stem, self.head = move(self.stem), move(self.head)
+        self.blocks = [(move(e), move(d), move(p), skip) for e, d, p, skip in self.blocks]
+        return super()._apply(fn, recurse)
+
+    @staticmethod
+    def _conv(x: torch.Tensor, c: _Conv) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.float32 and _ONEDNN:
+            # oneDNN's convolution with its ReLU6 (hardtanh 0..6) applied as it writes
+            act, scalars = ("hardtanh", [0.0, 6.0]) if c.relu6 else ("none", [])
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, c.weight, c.bias, c.padding, c.stride, [1, 1], c.groups, act, scalars, ""
+            )
+        x = nn.functional.conv2d(x, c.weight, c.bias, c.stride, c.padding, 1, c.groups)
+        return x.clamp_(0.0, 6.0) if c.relu6 else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(x)
+        x = self._conv(x.contiguous(memory_format=torch.channels_last), self.stem)
+        for expand, depthwise, project, skip in self.blocks:
+            y = self._conv(x, expand) if expand is not None else x
+            y = self._conv(self._conv(y, depthwise), project)
+            x = y + x if skip else y
+        return self._conv(x, self.head)
 
 
 def efficientnet_lite0(size: int = 320) -> Backbone:
@@ -87,7 +174,7 @@ def efficientnet_lite0(size: int = 320) -> Backbone:
     weights = EfficientnetLite0ModelFile.get_model_file_path()
     state = torch.load(weights, map_location="cpu", weights_only=True)
     net.load_state_dict(state)
-    return Backbone(_FeatureMap(net).eval(), DEFAULT_BACKBONE, LITE_MEAN, LITE_STD)
+    return Backbone(_LiteTrunk(net.eval()).eval(), DEFAULT_BACKBONE, LITE_MEAN, LITE_STD)
 
 
 def load_backbone(backbone: str | os.PathLike | nn.Module | Backbone, size: int = 320) -> Backbone:
@@ -212,23 +299,36 @@ class FeatureExtractor:
         self.size, self.grid = int(size), int(grid)
         self.device = torch.device(device)
         self.module = self.backbone.module.to(self.device).eval()
-        self.mean = np.asarray(self.backbone.mean, dtype=np.float32)
-        self.std = np.asarray(self.backbone.std, dtype=np.float32)
+        # [1, 3, 1, 1]: the picture's channels are scaled on the batch as one tensor
+        self.mean = torch.tensor(self.backbone.mean, dtype=torch.float32).reshape(1, 3, 1, 1)
+        self.std = torch.tensor(self.backbone.std, dtype=torch.float32).reshape(1, 3, 1, 1)
 
     def info(self) -> dict:
         return {"backbone": self.backbone.name, "size": self.size, "grid": self.grid}
 
-    def _tensor(self, image: Image.Image) -> np.ndarray:
-        resized = image.resize((self.size, self.size), Image.Resampling.BILINEAR)
-        x = np.asarray(resized, dtype=np.float32) / 255.0
-        return ((x - self.mean) / self.std).transpose(2, 0, 1)  # [3, S, S]
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """The picture resized to ``size x size``: ``[S, S, 3]`` uint8 (what :meth:`regions`
+        scales and runs; a loader thread can make it while the network runs)."""
+        return np.asarray(image.resize((self.size, self.size), Image.Resampling.BILINEAR))
 
-    @torch.no_grad()
-    def regions(self, images: list[Image.Image], image_ids: list[int]) -> list[Region]:
-        """One region set per RGB picture: features ``[grid * grid, D]``, boxes in its pixels."""
+    @torch.inference_mode()
+    def regions(
+        self,
+        images: list[Image.Image],
+        image_ids: list[int],
+        pixels: list[np.ndarray] | None = None,
+    ) -> list[Region]:
+        """One region set per RGB picture: features ``[grid * grid, D]``, boxes in its pixels
+        (``pixels``: their :meth:`pixels`, when already made)."""
         if not images:
             return []
-        x = torch.from_numpy(np.stack([self._tensor(im) for im in images])).to(self.device)
+        if pixels is None:
+            pixels = [self.pixels(im) for im in images]
+        x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)  # [B, 3, S, S] uint8
+        if getattr(self.module, "channels_last", False):
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = ((x.to(self.device, torch.float32) / 255.0 - self.mean.to(self.device))
+             / self.std.to(self.device))  # fmt: skip
         fmap = self.module(x)
         if fmap.dim() != 4 or fmap.shape[0] != len(images):
             raise ValueError(
@@ -302,24 +402,28 @@ def extract_features(
     bar.update(len(done) + len(skipped))
     dim = writer.dim or 0
     try:
-        todo = [(i, p) for i, p in files.items() if i not in done and p.name not in dict(skipped)]
-        for start in range(0, len(todo), max(1, batch_size)):
-            batch = todo[start : start + max(1, batch_size)]
-            pictures, ids, names = [], [], []
-            for image_id, path in batch:
-                try:
-                    pictures.append(load_image(path))
-                    ids.append(image_id)
-                    names.append(path)
-                except ValueError as error:
+        passed = {name for name, _ in skipped}
+        todo = [(i, p) for i, p in files.items() if i not in done and p.name not in passed]
+        step = max(1, batch_size)
+        batches = [todo[start : start + step] for start in range(0, len(todo), step)]
+        # one thread decodes and resizes the next batch while the network runs on this one
+        # (PIL releases the GIL): the decoding is off the critical path when a core is free
+        with ThreadPoolExecutor(1, thread_name_prefix="ban-decode") as pool:
+            ahead = pool.submit(_decode_batch, extractor, batches[0]) if batches else None
+            for k, batch in enumerate(batches):
+                pictures, pixels, ids, names, failed = ahead.result()
+                if k + 1 < len(batches):
+                    ahead = pool.submit(_decode_batch, extractor, batches[k + 1])
+                for path, error in failed:
                     skipped.append((path.name, str(error)))
                     warnings.warn(f"skipped {error}", stacklevel=2)
-            for region, path in zip(extractor.regions(pictures, ids), names, strict=True):
-                check_finite(region.features, f"{path} (image_id {region.image_id})")
-                dim = region.features.shape[1]
-                writer.add(region)
-            writer.checkpoint({"skipped": skipped})  # a rerun goes on from here
-            bar.update(len(batch))
+                regions = extractor.regions(pictures, ids, pixels)
+                for region, path in zip(regions, names, strict=True):
+                    check_finite(region.features, f"{path} (image_id {region.image_id})")
+                    dim = region.features.shape[1]
+                    writer.add(region)
+                writer.checkpoint({"skipped": skipped})  # a rerun goes on from here
+                bar.update(len(batch))
         writer.commit([p.name for p in files.values()], dim)
     except ValueError:  # bad input or backbone: a rerun could not go on from here
         writer.abort()
@@ -341,6 +445,22 @@ def extract_features(
         "skipped": skipped,
         "missing": missing,
     }
+
+
+def _decode_batch(extractor: FeatureExtractor, batch: list[tuple[int, Path]]):
+    """The pictures of a batch decoded and resized; those that do not decode, with the error."""
+    pictures, pixels, ids, names, failed = [], [], [], [], []
+    for image_id, path in batch:
+        try:
+            picture = load_image(path)
+        except ValueError as error:
+            failed.append((path, error))
+            continue
+        pictures.append(picture)
+        pixels.append(extractor.pixels(picture))
+        ids.append(image_id)
+        names.append(path)
+    return pictures, pixels, ids, names, failed
 
 
 def extraction_key(extractor: FeatureExtractor, files: dict[int, Path], fp16: bool) -> str:
