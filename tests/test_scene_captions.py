@@ -184,3 +184,23 @@ def test_captions_do_not_change_the_vqa_half(tmp_path, monkeypatch):
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
     sentences = "flickr30k/Sentences/1000001.txt"
     assert (one / sentences).read_bytes() != (two / sentences).read_bytes()
+
+
+def test_the_phrase_kinds_of_the_grounding_benchmark_script(tmp_path):
+    from tests import benchmark_scripts
+
+    script = benchmark_scripts.load("grounding_phrases")
+    kind = script.phrase_kind
+    assert kind("one red") == "one" and kind("another small circle") == "another"
+    assert kind("The two red circles") == "group" and kind("Three metal objects") == "group"
+    assert kind("a small metal circle") == "single, 3 attributes"
+    assert kind("The purple object") == "single, 1 attribute"
+    path = tmp_path / "predictions.jsonl"
+    rows = [("one red", True), ("one blue", False), ("a red circle", True), ("the blue one", 0)]
+    path.write_text("".join(json.dumps({"phrase": p, "hit@1": h}) + "\n" for p, h in rows))
+    assert script.recall_by_kind(path) == {
+        "one": (1, 2),
+        "single, 2 attributes": (1, 1),
+        "single, 1 attribute": (0, 1),
+        "all": (2, 4),
+    }

@@ -421,8 +421,7 @@ def _captions(scene: Scene, rnd: random.Random, chains: _Chains, n: int) -> list
             for members, description in groups
             if len(members) == 2
             for a in ATTRIBUTES
-            if a not in dict(description)
-            and len({objects[i].value(a) for i in members}) == 2
+            if a not in dict(description) and len({objects[i].value(a) for i in members}) == 2
         ]
         if not options:
             return None
