@@ -65,6 +65,27 @@ def the(scene: dict, text: str) -> dict:
     return found[0]
 
 
+def named_objects(scene: dict, words: str, before: list[str]) -> list[dict]:
+    """The objects a caption's phrase names, worked out from its words and the phrases before it
+    in the caption: "one red" (after "Two circles , ...") is the member of the caption's first
+    phrase that is red; "another circle" is the circle that the phrase just before is not."""
+    tokens = words.lower().split()
+    if tokens[0] == "one":
+        value = PLURAL.get(tokens[1], tokens[1])
+        named = [o for o in named_objects(scene, before[0], []) if o[VALUE_OF[value]] == value]
+    elif tokens[0] == "another":
+        previous = named_objects(scene, before[-1], before[:-1])
+        named = [o for o in matching(scene, parse_phrase(tokens[1:])) if o not in previous]
+    else:
+        number = NUMBERS.get(tokens[1] if tokens[0] == "the" else tokens[0])
+        tokens = [t for t in tokens if t not in ("a", "the") and t not in NUMBERS]
+        named = matching(scene, parse_phrase(tokens))
+        assert len(named) == (number or 1), words
+        return named
+    assert len(named) == 1, (words, before)
+    return named
+
+
 def center(obj: dict) -> tuple[float, float]:
     x1, y1, x2, y2 = obj["box"]
     return (x1 + x2) / 2, (y1 + y2) / 2
@@ -284,7 +305,8 @@ def test_flickr30k_entities_markup_and_boxes(raw, truth):
             assert line.count("[") == line.count("]") == len(MARKUP.findall(line))
             plain = MARKUP.sub(lambda m: m[3], line)
             assert "[" not in plain and plain.endswith(" .")
-            for chain, kinds, words in MARKUP.findall(line):
+            found = MARKUP.findall(line)
+            for k, (chain, kinds, words) in enumerate(found):
                 chain = int(chain)
                 types[kinds] += 1
                 if kinds == "notvisual":
@@ -294,12 +316,8 @@ def test_flickr30k_entities_markup_and_boxes(raw, truth):
                 else:
                     # The phrase names exactly the objects whose boxes its chain has.
                     assert chain in boxes, (image_id, chain)
-                    tokens = words.lower().split()
-                    number = NUMBERS.get(tokens[1] if tokens[0] == "the" else tokens[0])
-                    tokens = [t for t in tokens if t not in ("a", "the") and t not in NUMBERS]
-                    named = matching(scene, parse_phrase(tokens))
+                    named = named_objects(scene, words, [w for _, _, w in found[:k]])
                     assert sorted(boxes[chain]) == sorted(tuple(o["box"]) for o in named)
-                    assert len(named) == (number or 1)
     assert {"other", "scene", "notvisual"} <= set(types)
 
 

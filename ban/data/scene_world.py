@@ -168,6 +168,27 @@ def unique_description(
     return None
 
 
+def minimal_descriptions(scene: Scene, index: int) -> list[Description]:
+    """Every description that picks out object `index` alone and needs each of its attributes:
+    dropping any one of them names another object too. So for each attribute mentioned, the
+    scene holds a distractor that matches the description except in that attribute, and a
+    reader has to check them all. In ATTRIBUTES order of kinds; empty when another object has
+    all four attributes of this one."""
+    descriptions = scene.objects[index].descriptions
+    found = []
+    for kind in _ALL_KINDS:
+        description = descriptions[kind]
+        if count(scene, description) != 1:
+            continue
+        if all(count(scene, _without(description, a)) > 1 for a, _ in description):
+            found.append(description)
+    return found
+
+
+def _without(description: Description, attribute: str) -> Description:
+    return tuple(pair for pair in description if pair[0] != attribute)
+
+
 @functools.cache
 def _kinds_without(exclude: tuple[str, ...]) -> list[tuple]:
     return [k for k in _ALL_KINDS if not any(a in exclude for a in k)]

@@ -295,29 +295,55 @@ class _Chains:
         return f"[/EN#{self.ids[objects]}/other {words}]"
 
 
-_GROUP_KINDS = world.kinds(1, 2)
+_GROUP_KINDS = world.kinds(1, 3)
 
 
 def _groups(scene: Scene) -> list[tuple[frozenset, Description]]:
-    """Sets of two or more objects that a description of one or two attributes names exactly."""
+    """Sets of two or more objects (not all of them) that a description of one to three
+    attributes names exactly and needs each of its attributes for: dropping any one names more
+    objects ("the two red circles" where there are other red objects and other circles)."""
     members: dict[Description, list[int]] = defaultdict(list)
     for i, obj in enumerate(scene.objects):
         descriptions = obj.descriptions
         for kind in _GROUP_KINDS:
             members[descriptions[kind]].append(i)
-    return [(frozenset(m), d) for d, m in members.items() if len(m) >= 2]
+    return [
+        (frozenset(m), d)
+        for d, m in members.items()
+        if len(m) >= 2 and all(count(scene, _without(d, a)) > len(m) for a, _ in d)
+    ]
+
+
+def _without(description: Description, attribute: str) -> Description:
+    return tuple(pair for pair in description if pair[0] != attribute)
+
+
+def _with(description: Description, attribute: str, value: str) -> Description:
+    """The description with one more attribute, in ATTRIBUTES order."""
+    pairs = dict(description) | {attribute: value}
+    return tuple((a, pairs[a]) for a in ATTRIBUTES if a in pairs)
 
 
 def _captions(scene: Scene, rnd: random.Random, chains: _Chains, n: int) -> list[str]:
     """n captions with phrases naming one object, a group of objects or the scene. A caption is a
-    template of entities (objects, words); chain ids are given only to captions that are kept."""
+    template of entities (objects, words); chain ids are given only to captions that are kept.
+
+    A phrase for one object is a minimal unique description (every attribute it mentions is
+    needed to tell the object from another one in the scene), longer ones preferred; a group is
+    named by a description that needs each of its attributes too. Two templates name objects
+    by what the caption said before them, as Flickr30k captions often do ("Two dogs , one
+    black and one brown , ..."; "A man and another man ..."): "Two circles , one red and one
+    blue , ..." (each "one <value>" is the member of the group with that value) and "A red
+    circle and another circle ..." (the scene's other circle). The words of such a phrase alone
+    name several objects; what precedes them in the caption tells which."""
     objects = scene.objects
     groups = _groups(scene)
 
     def single(i: int):
-        description = world.unique_description(scene, i, rnd)
-        if description is None:
+        minimal = world.minimal_descriptions(scene, i)
+        if not minimal:
             return None
+        description = rnd.choices(minimal, weights=[len(d) ** 2 for d in minimal])[0]
         return frozenset([i]), f"{rnd.choice(('a', 'the'))} {phrase(description)}"
 
     def group(members: frozenset, description: Description, article: bool = True):
@@ -372,7 +398,47 @@ def _captions(scene: Scene, rnd: random.Random, chains: _Chains, n: int) -> list
         i, j = rnd.choice(pairs)
         return "{} is in front of {} .", [single(i), single(j)]
 
-    templates = (relation, there_are, both, near, in_front)
+    def one_each():
+        # A group of two or three, then each member by the attribute that tells them apart.
+        options = [
+            (members, description, a)
+            for members, description in groups
+            if len(members) <= 3
+            for a in ATTRIBUTES
+            if a not in dict(description)
+            and len({objects[i].value(a) for i in members}) == len(members)
+        ]
+        if not options:
+            return None
+        members, description, a = rnd.choice(options)
+        order = rnd.sample(sorted(members), len(members))
+        ones = [(frozenset([i]), f"one {objects[i].value(a)}") for i in order]
+        text = "{} , " + " , ".join(["{}"] * (len(ones) - 1)) + " and {} , are on {} ."
+        return text, [group(members, description, article=False), *ones, the_scene()]
+
+    def another():
+        # "A red circle and another circle": the description names exactly two objects; the
+        # first is named with one more attribute, the second only as "another".
+        options = [
+            (members, description, a)
+            for members, description in groups
+            if len(members) == 2
+            for a in ATTRIBUTES
+            if a not in dict(description) and len({objects[i].value(a) for i in members}) == 2
+        ]
+        if not options:
+            return None
+        members, description, a = rnd.choice(options)
+        i, j = rnd.sample(sorted(members), 2)
+        first = phrase(_with(description, a, objects[i].value(a)))
+        entities = [
+            (frozenset([i]), f"{rnd.choice(('a', 'the'))} {first}"),
+            (frozenset([j]), f"another {phrase(description)}"),
+            the_scene(),
+        ]
+        return "{} and {} are on {} .", entities
+
+    templates = (relation, there_are, both, near, in_front, one_each, another)
     used: Counter = Counter()
     captions: list[str] = []
     for _ in range(n):
