@@ -324,7 +324,8 @@ def _evaluate_flickr(args, path, run_config, device) -> int:
         device=device,
     )
     report["checkpoint"] = str(path)
-    out = Path(args.out) if args.out else path.parent / f"eval-{split}-{protocol}"
+    name = f"eval-{split}-{protocol}" + ("-compat" if compat else "")  # one folder each
+    out = Path(args.out) if args.out else path.parent / name
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     write_jsonl(rows, out / "predictions.jsonl")

@@ -207,6 +207,12 @@ def test_tiny_end_to_end_train_and_evaluate(prepared, tmp_path, capsys):
         "other",
     }
     assert report["per_type"]["other"]["phrases"] == 1  # the animals/other phrase, in both
+    # the release's positions go to a folder of their own, not over the clean evaluation
+    assert (
+        cli.main(["evaluate", str(run), "--split", "test", "--protocol", "merged", "--compat"]) == 0
+    )
+    assert (run / "eval-test-merged-compat" / "report.json").is_file()
+    assert json.loads((run / "eval-test-merged" / "report.json").read_text()) == report
 
 
 def _tiny_grounding(prepared, **overrides):
