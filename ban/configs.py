@@ -262,10 +262,10 @@ RECIPES: dict[str, TrainConfig] = {
     # Train on train2014 and validate on val2014 (base 1e-3); for train+val(+VG) use
     # `--set train_splits=[train2014,val2014] --set eval_split=null` (base 7e-4 then).
     "vqa-paper": TrainConfig(model="ban-8-vqa", lr_decay_epochs=[10, 12, 14, 16, 18]),
-    # The CPU default for the built-in benchmark (docs/benchmark.md, "The default run"): a small
-    # model, many scenes seen few times. The models stay at chance until they have seen about
-    # 100,000 questions (a plateau whose length varies with the seed), so the rate stays at its
-    # base until the last epoch, which decays it; Adamax and clipping 0.25 as in the release.
+    # The CPU default for the built-in benchmark (docs/benchmark.md, "The default `ban train`"):
+    # a small model, many scenes seen few times. The models stay at chance until they have seen
+    # about 100,000 questions (a plateau whose length varies with the seed), so the rate stays at
+    # its base until the last epoch, which decays it; Adamax and clipping 0.25 as in the release.
     "vqa-small": TrainConfig(
         model="ban-small",
         epochs=3,
