@@ -196,7 +196,8 @@ class App:
         if not ids:
             raise FileNotFoundError(f"no image features in {predictor.data_dir / 'features'}")
         # Images with a picture first (the built-in benchmark draws only its val and test images).
-        self.image_ids = sorted(ids, key=lambda i: (self.images.path(i) is None, i))
+        pictured = self.images.pictured(ids)
+        self.image_ids = sorted(ids, key=lambda i: (i not in pictured, i))
         self._known = frozenset(ids)
         self._lock = threading.Lock()
         self.png = lru_cache(maxsize=512)(self._png)

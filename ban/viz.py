@@ -88,6 +88,26 @@ class ImageFolder:
                 return candidate
         return None
 
+    def pictured(self, image_ids: Iterable[int]) -> set[int]:
+        """Those of `image_ids` that have a picture: one listing of each folder of PATTERNS, then
+        `path` for the names found (not one lookup per id: a dataset has tens of thousands)."""
+        if self.root is None:
+            return set()
+        wanted, found = set(image_ids), set()
+        for pattern in self.PATTERNS:
+            folder, _, name = pattern.rpartition("/")
+            prefix, _, rest = name.partition("{")
+            suffix = rest.partition("}")[2]
+            try:
+                names = os.listdir(self.root / folder)
+            except OSError:  # no such folder
+                continue
+            for entry in names:
+                middle = entry[len(prefix) : len(entry) - len(suffix)]
+                if entry.startswith(prefix) and entry.endswith(suffix) and middle.isdigit():
+                    found.add(int(middle))
+        return {i for i in found & wanted if self.path(i) is not None}
+
     def open(self, image_id: int, boxes: np.ndarray | None = None) -> Image.Image:
         """The picture as RGB; a blank canvas covering `boxes` when there is none."""
         path = self.path(image_id)

@@ -84,3 +84,13 @@ def test_evaluate_gallery(run, tmp_path, capsys):
         assert_picture(p, viz.figure_size(TINY_MODEL["model.glimpses"]))
     assert_picture(out / "gallery" / "accuracy_by_question_type.png")
     assert "wrote 4 pictures" in capsys.readouterr().out
+
+
+def test_pictured_lists_the_ids_that_path_finds(tmp_path):
+    (tmp_path / "val2014").mkdir()
+    for name in ("5.png", "6.jpg", "007.png", "x.png", "val2014/COCO_val2014_000000000042.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    folder = viz.ImageFolder(tmp_path)
+    ids = [5, 6, 7, 8, 42]
+    assert folder.pictured(ids) == {i for i in ids if folder.path(i) is not None} == {5, 6, 42}
+    assert viz.ImageFolder(None).pictured(ids) == set()
