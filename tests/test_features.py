@@ -229,14 +229,19 @@ def test_interrupted_conversion_resumes(tmp_path, monkeypatch):
                 np.testing.assert_array_equal(a[key][()], b[key][()])
 
 
-def test_partial_file_of_other_inputs_starts_over(tmp_path, monkeypatch):
-    from ban.data.features import partial_path
-
+def _convert_and_crash_after_two_rows(tmp_path, monkeypatch):
+    """a.tsv converted to f.h5 until a crash at its third row: f.h5's partial file is left."""
     write_tsv(tmp_path / "a.tsv", make_regions())
     _interrupt_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         convert_features(tmp_path / "a.tsv", tmp_path / "f.h5", progress=False)
     monkeypatch.undo()
+
+
+def test_partial_file_of_other_inputs_starts_over(tmp_path, monkeypatch):
+    from ban.data.features import partial_path
+
+    _convert_and_crash_after_two_rows(tmp_path, monkeypatch)
     assert partial_path(tmp_path / "f.h5").exists()
     with pytest.warns(UserWarning, match="other inputs or options; starting over"):
         info = convert_features(tmp_path / "a.tsv", tmp_path / "f.h5", fp16=True, progress=False)
@@ -285,11 +290,7 @@ def test_in_memory_says_and_checks_the_ram_it_takes(tmp_path, monkeypatch, capsy
 def test_partial_file_locked_by_another_process_is_left_alone(tmp_path, monkeypatch):
     from ban.data.features import partial_path
 
-    write_tsv(tmp_path / "a.tsv", make_regions())
-    _interrupt_after(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        convert_features(tmp_path / "a.tsv", tmp_path / "f.h5", progress=False)
-    monkeypatch.undo()
+    _convert_and_crash_after_two_rows(tmp_path, monkeypatch)
     opened = h5py.File
 
     def locked(name, mode="r", *args, **kwargs):  # what HDF5 says while another process writes
