@@ -12,7 +12,10 @@ GET  /openapi.json           the API description, generated from the pydantic mo
 
 The model is loaded once and runs on its own thread (`Batcher`): the questions that arrive while
 it is busy are answered together in its next forward pass (at most `MAX_BATCH`), so throughput
-rises with the number of clients while a lone question is answered at once. Every error is a
+rises with the number of clients while a lone question is answered at once. All of torch's work
+(loading, answering, featurising uploads) runs on that one thread: each thread that calls into
+torch gets its own OpenMP team, and with more teams than cores they stop spinning between
+operations and wake by futex, which made each forward about 1.8x slower. Every error is a
 JSON `{"error": "..."}`. Bodies are read by `RequestLimits` before any route sees them, bounded
 in size (413) and in time (408), as are the request's headers (`ReadTimeoutProtocol`), so a
 stalled client cannot hold a connection. Nothing from a request reaches the file system: image
@@ -187,7 +190,10 @@ class App:
         images: ImageFolder | None = None,
         max_batch: int = MAX_BATCH,
         max_wait: float = MAX_WAIT,
+        batcher: Batcher | None = None,
     ) -> None:
+        """`batcher`: the model thread that `predictor` was made on (see `load_app`); a new one
+        when None."""
         self.predictor = predictor
         self.images = images or ImageFolder.for_data(predictor.data_dir)
         ids: set[int] = set()
@@ -204,7 +210,8 @@ class App:
         self.uploads: OrderedDict[int, bytes] = OrderedDict()  # id (< 0) -> PNG, oldest first
         self._next_upload = -1
         self.upload_refusal = _upload_refusal(predictor.data_dir)
-        self.batcher = Batcher(self._answer_batch, max_batch, max_wait)
+        self.batcher = batcher or Batcher(max_batch=max_batch, max_wait=max_wait)
+        self.batcher.answer = self._answer_batch
 
     def is_upload(self, image_id: int) -> bool:
         return image_id < 0 and image_id not in self._known
@@ -245,12 +252,16 @@ class App:
         }
 
     def add_picture(self, body: bytes) -> dict:
-        """Decode an uploaded picture, featurise it like the data and keep it; its new id."""
+        """Decode an uploaded picture, featurise it like the data (on the model thread) and
+        keep it; its new id."""
         if self.upload_refusal is not None:
             raise ApiError(409, self.upload_refusal)
         picture = decode_picture(body)
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG")
+        return self.batcher.call(self._keep_picture, picture, buffer.getvalue()).result()
+
+    def _keep_picture(self, picture, png: bytes) -> dict:
         with self._lock:
             image_id = self._next_upload
             while image_id in self._known:
@@ -260,7 +271,7 @@ class App:
             except ValueError as error:  # e.g. the backbone file of the data is gone
                 raise ApiError(409, f"cannot featurise uploads: {_clean(error)}") from None
             self._next_upload = image_id - 1
-            self.uploads[image_id] = buffer.getvalue()
+            self.uploads[image_id] = png
             while len(self.uploads) > MAX_UPLOADS:
                 old, _ = self.uploads.popitem(last=False)
                 self.predictor.remove_picture(old)
@@ -328,16 +339,21 @@ class App:
         }
 
 
+class _Call:
+    def __init__(self, function, args) -> None:
+        self.function, self.args = function, args
+
+
 class Batcher:
-    """Runs `answer(list of questions) -> list of answers or exceptions` on one thread, in
+    """The model thread. Runs `answer(list of questions) -> list of answers or exceptions` in
     batches: the questions that arrived while the model was busy go together into its next
     forward, at most `max_batch` of them (1: one question at a time). Under load (more than one
     question queued, or in the previous forward) a forward also waits up to `max_wait` seconds
     for more, until the batch is full: the clients just answered are about to ask again, and
     without the wait the batches alternate full and nearly empty. A lone question after a quiet
-    spell goes at once."""
+    spell goes at once. `call` runs any other function on the same thread, in turn."""
 
-    def __init__(self, answer, max_batch: int = MAX_BATCH, max_wait: float = MAX_WAIT) -> None:
+    def __init__(self, answer=None, max_batch: int = MAX_BATCH, max_wait: float = MAX_WAIT) -> None:
         if max_batch < 1 or max_wait < 0:
             raise ValueError(
                 f"max_batch must be >= 1 and max_wait >= 0, got {max_batch}, {max_wait}"
@@ -353,14 +369,23 @@ class Batcher:
         self._queue.put((item, future))
         return future
 
+    def call(self, function, *args) -> Future:
+        """Run `function(*args)` on the model thread, after what is queued: a future of its
+        result."""
+        return self.submit(_Call(function, args))
+
     def close(self) -> None:
         """Stop the thread once the queued questions are answered."""
         self._queue.put(None)
         self._thread.join()
 
     def _run(self) -> None:
-        previous, stop = 0, False
-        while not stop and (first := self._queue.get()) is not None:
+        previous, stop, call = 0, False, None
+        while not stop and (first := call or self._queue.get()) is not None:
+            call = None
+            if isinstance(first[0], _Call):
+                self._settle(first[1], first[0].function, *first[0].args)
+                continue
             batch, deadline = [first], None
             while len(batch) < self.max_batch:
                 try:
@@ -375,6 +400,9 @@ class Batcher:
                     continue
                 if item is None:
                     stop = True
+                    break
+                if isinstance(item[0], _Call):  # after this batch
+                    call = item
                     break
                 batch.append(item)
             previous = len(batch)
@@ -391,6 +419,14 @@ class Batcher:
                         future.set_exception(answer)
                     else:
                         future.set_result(answer)
+
+    @staticmethod
+    def _settle(future: Future, function, *args) -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(function(*args))
+            except BaseException as error:
+                future.set_exception(error)
 
 
 def _upload_refusal(data_dir: Path) -> str | None:
@@ -728,6 +764,12 @@ class ReadTimeoutProtocol(H11Protocol):
     read_timeout = READ_TIMEOUT
 
     def connection_made(self, transport) -> None:
+        # No Nagle delay: uvicorn writes a response's headers and body apart, and without this
+        # the body waited for the client's delayed ACK, 40 ms a request. (asyncio sets it only
+        # on sockets made with proto IPPROTO_TCP, and socket.create_server's have proto 0.)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(transport)
         self._read_timer = None
         self._began = False  # bytes of the pending request came
@@ -841,7 +883,15 @@ def load_app(
     max_wait: float = MAX_WAIT,
     precision: str = "auto",
 ) -> App:
-    """Load the model once: a checkpoint file or run directory, on the run's data by default;
-    `precision`: see `ban.inference`; `max_batch`, `max_wait`: see `Batcher`."""
-    predictor = Predictor.from_checkpoint(checkpoint, data, device, precision=precision)
-    return App(predictor, ImageFolder.for_data(predictor.data_dir, images), max_batch, max_wait)
+    """Load the model once, on the model thread: a checkpoint file or run directory, on the
+    run's data by default; `precision`: see `ban.inference`; `max_batch`, `max_wait`: see
+    `Batcher`."""
+    batcher = Batcher(max_batch=max_batch, max_wait=max_wait)
+    try:
+        predictor = batcher.call(
+            lambda: Predictor.from_checkpoint(checkpoint, data, device, precision=precision)
+        ).result()
+        return App(predictor, ImageFolder.for_data(predictor.data_dir, images), batcher=batcher)
+    except BaseException:
+        batcher.close()
+        raise

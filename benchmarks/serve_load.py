@@ -111,12 +111,37 @@ def load(host: str, port: int, bodies: list[bytes], requests: int, concurrency: 
 
 
 def paper_app(root: Path, images: int):
-    """A random-weight BAN-8 of the paper's size over `images` images of 36 x 2048 features."""
+    """A random-weight BAN-8 of the paper's size over `images` images of 36 x 2048 features, made
+    on the app's model thread as `serve.load_app` does."""
     import numpy as np
+
+    from ban.data.features import Region, convert_features, write_tsv
+
+    rng = np.random.default_rng(0)
+    regions = []
+    for image_id in range(1, images + 1):
+        xy = rng.uniform(0, 400, (36, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(10, 200, (36, 2))], axis=1)
+        features = rng.random((36, 2048), dtype=np.float32)
+        regions.append(Region(image_id, 640, 480, boxes.astype(np.float32), features))
+    (root / "features").mkdir(parents=True)
+    write_tsv(root / "features.tsv", regions)
+    convert_features(root / "features.tsv", root / "features" / "val2014.h5", progress=False)
+    questions = ["what is the color", "how many are there", "is there", "what color is the"]
+    with open(root / "val2014.jsonl", "w") as out:
+        for k in range(2 * images):
+            out.write(json.dumps({"image_id": 1 + k % images, "question": questions[k % 4]}))
+            out.write("\n")
+    (root / "manifest.json").write_text("{}")
+    batcher = serve.Batcher()
+    predictor = batcher.call(paper_predictor, root).result()
+    return serve.App(predictor, batcher=batcher)
+
+
+def paper_predictor(root: Path):
     import torch
 
     import ban
-    from ban.data.features import Region, convert_features
     from ban.predict import Predictor
     from ban.text import UNK, Dictionary
 
@@ -126,28 +151,9 @@ def paper_app(root: Path, images: int):
     model.vocabulary = [f"w{i}" for i in range(config.vocab_size)]
     model.vocabulary[:9] = ["what", "is", "the", "color", "how", "many", "there", "are", UNK]
     model.answers = [f"a{i}" for i in range(config.num_answers)]
-    rng = np.random.default_rng(0)
-    regions = []
-    for image_id in range(1, images + 1):
-        xy = rng.uniform(0, 400, (36, 2))
-        boxes = np.concatenate([xy, xy + rng.uniform(10, 200, (36, 2))], axis=1)
-        features = rng.random((36, 2048), dtype=np.float32)
-        regions.append(Region(image_id, 640, 480, boxes.astype(np.float32), features))
-    (root / "features").mkdir(parents=True)
-    tsv = root / "features.tsv"
-    from ban.data.features import write_tsv
-
-    write_tsv(tsv, regions)
-    convert_features(tsv, root / "features" / "val2014.h5", progress=False)
-    questions = ["what is the color", "how many are there", "is there", "what color is the"]
-    with open(root / "val2014.jsonl", "w") as out:
-        for k in range(2 * images):
-            out.write(json.dumps({"image_id": 1 + k % images, "question": questions[k % 4]}))
-            out.write("\n")
-    (root / "manifest.json").write_text("{}")
     Dictionary(model.vocabulary).save(root / "dictionary.json")
     (root / "answers.json").write_text(json.dumps(model.answers))
-    return serve.App(Predictor(model, data=root))
+    return Predictor(model, data=root)
 
 
 def main() -> int:

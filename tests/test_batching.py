@@ -127,6 +127,63 @@ def test_batcher_waits_for_more_only_under_load():
         Batcher(lambda items: items, max_batch=0)
 
 
+def test_calls_run_on_the_model_thread_in_turn():
+    # was: the model was loaded on the main thread and uploads featurised on request threads; each
+    # thread that calls into torch gets its own OpenMP team, and more teams than cores made every
+    # forward ~1.8x slower
+    entered, gate, order = threading.Event(), threading.Event(), []
+
+    def answer(items):
+        entered.set()
+        gate.wait(10)
+        order.append(("answer", items, threading.current_thread().name))
+        return items
+
+    def note(tag):
+        order.append(("call", tag, threading.current_thread().name))
+        return tag
+
+    batcher = Batcher(answer, max_batch=8)
+    busy = batcher.submit(0)
+    assert entered.wait(10)  # the model is busy with question 0
+    futures = [batcher.submit(1), batcher.call(note, "a"), batcher.submit(2), batcher.submit(3)]
+    failing = batcher.call(lambda: 1 / 0)
+    gate.set()
+    assert [f.result(10) for f in [busy, *futures]] == [0, 1, "a", 2, 3]
+    with pytest.raises(ZeroDivisionError):
+        failing.result(10)
+    # in turn: the batch queued before the call, the call, then the questions queued after it
+    assert [(kind, what) for kind, what, _ in order] == [
+        ("answer", [0]),
+        ("answer", [1]),
+        ("call", "a"),
+        ("answer", [2, 3]),
+    ]
+    assert {thread for *_, thread in order} == {"ban-batcher"}
+    assert batcher.submit(4).result(10) == 4  # it goes on after a failed call
+    batcher.close()
+
+
+def test_the_served_model_is_loaded_on_the_model_thread(monkeypatch, predictor):
+    from ban import serve
+
+    threads = []
+
+    def from_checkpoint(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return predictor
+
+    monkeypatch.setattr(serve.Predictor, "from_checkpoint", from_checkpoint)
+    app = serve.load_app("any-run")
+    assert threads == ["ban-batcher"] and app.batcher.answer == app._answer_batch
+    app.batcher.close()
+    monkeypatch.setattr(serve.Predictor, "from_checkpoint", lambda *a, **k: 1 / 0)
+    before = threading.active_count()
+    with pytest.raises(ZeroDivisionError):  # a failed load leaves no model thread behind
+        serve.load_app("any-run")
+    assert threading.active_count() == before
+
+
 def test_served_answers_are_those_of_one_at_a_time(predictor):
     from concurrent.futures import ThreadPoolExecutor
 

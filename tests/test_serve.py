@@ -248,6 +248,22 @@ def test_concurrent_requests_are_queued(server):
     assert len({json.dumps(body["answers"]) for _, body in results}) == 1
 
 
+def test_responses_are_not_held_back_by_nagle(server, monkeypatch):
+    # was: the accepted sockets kept Nagle's algorithm (socket.create_server's have proto 0, on
+    # which asyncio does not set TCP_NODELAY), so each response's body, written after its
+    # headers, waited for the client's delayed ACK: 40 ms on every request
+    sockets = []
+    made = serve.ReadTimeoutProtocol.connection_made
+
+    def spy(protocol, transport):
+        made(protocol, transport)
+        sockets.append(transport.get_extra_info("socket"))
+
+    monkeypatch.setattr(serve.ReadTimeoutProtocol, "connection_made", spy)
+    assert request(server, "GET", "/api/images?offset=0&limit=1")[0] == 200
+    assert sockets and sockets[-1].getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
 # Uploads: a tiny model trained on the features of a small random conv backbone (`ban.data.images`)
 
 
