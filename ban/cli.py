@@ -252,7 +252,7 @@ def _run_evaluate(args) -> int:
     if args.task == "flickr" or (args.task is None and _is_grounding(path)):
         return _evaluate_flickr(args, path, run_config, device)
     args.split = args.split or "val2014"
-    data = vqa.resolve_data(args.data or (run_config.data if run_config else None))
+    data = vqa.resolve_data(args.data or (run_config.data if run_config else None), progress=True)
     model = load_any(path, device, args.dictionary, args.label2ans)
     report, rows = vqa.evaluate(
         model,
@@ -310,7 +310,9 @@ def _evaluate_flickr(args, path, run_config, device) -> int:
     from ban.tasks import grounding
 
     split = args.split or "val"
-    data = grounding.resolve_data(args.data or (run_config.data if run_config else None))
+    data = grounding.resolve_data(
+        args.data or (run_config.data if run_config else None), progress=True
+    )
     model = checkpoint.load_any(path, device)
     protocol = args.protocol or (run_config.protocol if run_config else "any")
     compat = args.compat if args.compat is not None else bool(run_config and run_config.compat)

@@ -24,7 +24,7 @@ ids must be integers of the feature files, and pictures are found from the id by
 (`Predictor.add_picture`, with the backbone that made the data's features) and kept in memory,
 the last `MAX_UPLOADS` of them.
 
-Why it is long (about 850 lines): the limits, the request and response models, the batcher, the
+Why it is long (about 890 lines): the limits, the request and response models, the batcher, the
 read timeouts and the error bodies of one hardened server, which belong together.
 """
 

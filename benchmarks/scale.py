@@ -309,6 +309,34 @@ def step_features(root: Path, fractions: list[float], rows: list[dict], args) ->
     return prepared
 
 
+def step_captions(root: Path, fractions: list[float], rows: list[dict], args) -> None:
+    """Flickr30k Entities preparation at fractions of its real size in images, captions and
+    boxes (29,783 / 1,000 / 1,000 at 1.0), with 36 x 128 features so that the captions and
+    annotations, not the features, are what grows (the feature rows above are the 2048-d ones)."""
+    for fraction in sorted(fractions):
+        n_val = n_test = max(10, round(fraction * 1_000))
+        n_train = max(20, round(fraction * FLICKR_IMAGES)) - 2 * n_val
+        n = n_train + 2 * n_val
+        raw = root / f"captions-{n}"
+        m = run(
+            ban(
+                "data", "synth", "--out", raw, "--train-images", n_train, "--val-images", n_val,
+                "--test-images", n_test, "--no-images", "--quiet",
+            ),
+            [raw],
+        )  # fmt: skip
+        rows.append(row("synth (36 x 128, captions)", n, "images", m, FLICKR_IMAGES))
+        flickr = root / f"captions-prepared-{n}"
+        code = "import sys; from ban.data.flickr import prepare_flickr as p; p(*sys.argv[1:])"
+        m = run([PYTHON, "-c", code, raw, flickr], [flickr])
+        splits = json.loads((flickr / "manifest.json").read_text())["splits"].values()
+        captions, phrases = (sum(split[k] for split in splits) for k in ("captions", "phrases"))
+        print(f"  prepared {n:,} images: {captions:,} captions, {phrases:,} phrases", flush=True)
+        rows.append(row("Flickr30k Entities prepare (captions)", n, "images", m, FLICKR_IMAGES))
+        shutil.rmtree(flickr)
+        shutil.rmtree(raw)
+
+
 LOADER = r"""
 import json, os, sys, time
 import torch
@@ -661,11 +689,18 @@ def main() -> None:
         "--steps",
         nargs="+",
         default=["questions", "features", "loader", "train", "pictures", "evaluate"],
-        choices=["questions", "features", "loader", "train", "pictures", "evaluate"],
+        choices=["questions", "features", "loader", "train", "pictures", "evaluate", "captions"],
     )
     parser.add_argument("--features", nargs="+", type=float, default=[0.002, 0.004, 0.008])
     parser.add_argument("--questions", nargs="+", type=float, default=[0.1, 0.3, 1.0])
     parser.add_argument("--pictures", nargs="+", type=int, default=[24, 48, 96])
+    parser.add_argument(
+        "--captions",
+        nargs="+",
+        type=float,
+        default=[0.1, 0.3, 1.0],
+        help="fractions of Flickr30k Entities' 31,783 images (and their captions) to prepare",
+    )
     parser.add_argument(
         "--evaluate",
         nargs="+",
@@ -708,6 +743,8 @@ def main() -> None:
             step_pictures(root, args.pictures, rows, args)
         if "evaluate" in args.steps:
             step_evaluate(root, args.evaluate, rows, args)
+        if "captions" in args.steps:
+            step_captions(root, args.captions, rows, args)
     finally:
         print(summary(rows))
         print(f"load average at end: {os.getloadavg()}")

@@ -63,6 +63,21 @@ def test_scale_evaluate_data_cut_to_a_size(tmp_path):
     assert scale.same_features(h5[0], h5[0])[1] == 0.0
 
 
+def test_scale_captions_step_prepares_flickr_at_a_fraction(tmp_path, monkeypatch, capsys):
+    from tests import benchmark_scripts
+
+    scale = benchmark_scripts.load("scale")
+    monkeypatch.setenv("SCALE_ROOT", str(tmp_path))
+    rows: list[dict] = []
+    scale.step_captions(tmp_path, [0.001], rows, None)  # 32 images: 12 train, 10 val, 10 test
+    assert [(r["step"], r["size"], r["real"]) for r in rows] == [
+        ("synth (36 x 128, captions)", 32, 31_783),
+        ("Flickr30k Entities prepare (captions)", 32, 31_783),
+    ]
+    assert "prepared 32 images: 160 captions" in capsys.readouterr().out  # 5 a picture
+    assert not list(tmp_path.glob("captions-*"))  # its data is deleted after
+
+
 @__import__("pytest").mark.parametrize("fix_idf", [False, True])
 def test_tfidf_counted_in_chunks_is_the_releases(fix_idf):
     """tfidf_matrix counts pairs chunk by chunk (bounded memory at VQA v2 + VG size): the same

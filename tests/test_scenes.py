@@ -339,7 +339,7 @@ def test_the_real_readers_load_every_file(raw, tmp_path):
         assert (Path(out) / f"{split}.jsonl").stat().st_size > 0
 
 
-def test_default_benchmark_is_built_once_atomically(tmp_path, monkeypatch):
+def test_default_benchmark_is_built_once_atomically(tmp_path, monkeypatch, capsys):
     calls, generate = [], scenes.generate
 
     def tiny(out_dir, **options):
@@ -349,8 +349,11 @@ def test_default_benchmark_is_built_once_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(scenes, "generate", tiny)
     monkeypatch.setattr(scenes, "_check_default", lambda raw: None)  # tiny is not the default
     monkeypatch.setenv("BAN_CACHE", str(tmp_path / "cache"))
-    first = scenes.default_benchmark()
+    first = scenes.default_benchmark(progress=True)  # as `ban train` makes it on first use
     assert first == tmp_path / "cache" / scenes.VERSION / "raw"
+    said = capsys.readouterr()  # was: a minute of silence before the first line
+    assert f"generating the built-in benchmark ({scenes.VERSION}) once into {first}" in said.out
+    assert "scenes: 100%" in said.err
     assert (first / "v2_mscoco_train2014_annotations.json").is_file()
     # pictures of the val and test images only: training reads the features alone
     assert sorted(int(p.stem) for p in (first / "images").glob("*.png")) == [
@@ -359,7 +362,8 @@ def test_default_benchmark_is_built_once_atomically(tmp_path, monkeypatch):
         3_000_001,
     ]
     assert scenes.read_json(first / "scenes.json")["options"]["pictures"] == "val+test"
-    assert scenes.default_benchmark() == first and len(calls) == 1
+    assert scenes.default_benchmark(progress=True) == first and len(calls) == 1
+    assert capsys.readouterr().out == ""  # cached: nothing to say
     assert [p.name for p in first.parent.iterdir()] == ["raw"]  # no temporary left behind
     assert (
         scenes.default_benchmark(tmp_path / "other") == tmp_path / "other" / scenes.VERSION / "raw"

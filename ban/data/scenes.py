@@ -890,13 +890,19 @@ def _build_once(target: Path, build: Callable[[Path], object]) -> Path:
     return target
 
 
-def default_benchmark(cache_dir: str | Path | None = None) -> Path:
-    """The default scene benchmark's RAW directory, generated on first use (a few seconds) into
-    `cache_root(cache_dir)/raw`. A cached directory made with other options (an earlier
-    generator, or `generate` called with other sizes into the cache) is refused, not reused."""
-    raw = _build_once(
-        cache_root(cache_dir) / "raw", lambda tmp: generate(tmp, train_pictures=False)
-    )
+def default_benchmark(cache_dir: str | Path | None = None, progress: bool = False) -> Path:
+    """The default scene benchmark's RAW directory, generated on first use (about a minute on 2
+    cores; `progress`: say so and show a bar) into `cache_root(cache_dir)/raw`. A cached
+    directory made with other options (an earlier generator, or `generate` called with other
+    sizes into the cache) is refused, not reused."""
+    target = cache_root(cache_dir) / "raw"
+
+    def build(tmp: Path) -> None:
+        if progress:
+            print(f"generating the built-in benchmark ({VERSION}) once into {target}", flush=True)
+        generate(tmp, train_pictures=False, progress=progress)
+
+    raw = _build_once(target, build)
     _check_default(raw)
     return raw
 
@@ -929,16 +935,24 @@ def _check_default(raw: Path) -> None:
         )
 
 
-def default_prepared(cache_dir: str | Path | None = None) -> Path:
+def default_prepared(cache_dir: str | Path | None = None, progress: bool = False) -> Path:
     """The default benchmark run through `ban.data.prepare.prepare` once; returns the prepared
     data directory `cache_root(cache_dir)/prepared`."""
-    raw = default_benchmark(cache_dir)
-    return _build_once(cache_root(cache_dir) / "prepared", lambda tmp: prepare(raw, tmp))
+    raw = default_benchmark(cache_dir, progress)
+    return _build_once(
+        cache_root(cache_dir) / "prepared", lambda tmp: prepare(raw, tmp, progress=progress)
+    )
 
 
-def default_flickr_prepared(cache_dir: str | Path | None = None) -> Path:
+def default_flickr_prepared(cache_dir: str | Path | None = None, progress: bool = False) -> Path:
     """The default benchmark's grounding captions run through `ban.data.flickr.prepare_flickr`
     once; returns the prepared directory `cache_root(cache_dir)/flickr-prepared`."""
-    raw = default_benchmark(cache_dir)
+    raw = default_benchmark(cache_dir, progress)
     target = cache_root(cache_dir) / "flickr-prepared"
-    return _build_once(target, lambda tmp: prepare_flickr(raw, tmp, max_images=FLICKR_TRAIN_IMAGES))
+
+    def build(tmp: Path) -> None:
+        if progress:
+            print(f"preparing the built-in benchmark's grounding captions once into {target}")
+        prepare_flickr(raw, tmp, max_images=FLICKR_TRAIN_IMAGES, progress=progress)
+
+    return _build_once(target, build)

@@ -166,7 +166,7 @@ def _train(task, config, env, device, run_dir, cleanup, resume, max_steps, progr
 
     micro_batch, accum = local_batch(config.batch_size, config.grad_accum, env)
     seed_everything(config.seed)
-    data_dir = task.resolve_data()
+    data_dir = task.resolve_data(progress and env.is_main)
     train_set, eval_set = task.datasets(data_dir)
     model = task.build_model(data_dir).to(device)
     params = [p for p in model.parameters() if p.requires_grad]

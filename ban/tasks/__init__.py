@@ -9,7 +9,8 @@ supplies the rest, as an object with these members (see `ban/tasks/vqa.py` and
     final_model               'last' or 'best': the checkpoint the final report scores
     select_key                the key of evaluate_epoch's record that selects best.safetensors
     sums                      names of the task's running training sums (after the engine's)
-    resolve_data()            -> the prepared data directory of the run's config
+    resolve_data(progress)    -> the prepared data directory of the run's config (progress:
+                                 shown while the built-in benchmark is made on first use)
     datasets(data_dir)        -> (training set, evaluation set or None)
     build_model(data_dir)     -> the model, sized for the data
     collate(samples)          -> a batch

@@ -297,10 +297,11 @@ def format_report(report: dict[str, Any]) -> str:
 # Data and model of a run
 
 
-def resolve_data(data: str | Path | None) -> Path:
-    """A prepared grounding directory, or the built-in benchmark's (prepared on first use)."""
+def resolve_data(data: str | Path | None, progress: bool = False) -> Path:
+    """A prepared grounding directory, or the built-in benchmark's (prepared on first use;
+    `progress`: shown while that runs)."""
     if data is None:
-        return Path(scenes.default_flickr_prepared())
+        return Path(scenes.default_flickr_prepared(progress=progress))
     flickr.read_prepared_manifest(data)
     return Path(data)
 
@@ -350,8 +351,8 @@ class GroundingTask:
         self.eval_set: GroundingDataset | None = None
         self.collate: Collate | None = None
 
-    def resolve_data(self) -> Path:
-        return resolve_data(self.config.data)
+    def resolve_data(self, progress: bool = False) -> Path:
+        return resolve_data(self.config.data, progress)
 
     def datasets(self, data_dir: Path) -> tuple[Dataset, Dataset | None]:
         c = self.config

@@ -48,11 +48,11 @@ from ban.model import bad_token_rows
 # Data
 
 
-def resolve_data(data: str | Path | None) -> Path:
+def resolve_data(data: str | Path | None, progress: bool = False) -> Path:
     """The prepared directory to use: `data`, or the built-in benchmark (generated and prepared
-    on first use, then cached)."""
+    on first use, then cached; `progress`: shown while that runs)."""
     if data is None:
-        return Path(scenes.default_prepared())
+        return Path(scenes.default_prepared(progress=progress))
     path = Path(data)
     if not path.is_dir():
         raise FileNotFoundError(
@@ -391,8 +391,8 @@ class VQATask:
         self.config = config
         self.vocab_size = 0
 
-    def resolve_data(self) -> Path:
-        return resolve_data(self.config.data)
+    def resolve_data(self, progress: bool = False) -> Path:
+        return resolve_data(self.config.data, progress)
 
     def datasets(self, data_dir: Path) -> tuple[Dataset, Dataset | None]:
         in_memory = self.config.in_memory
