@@ -14,7 +14,9 @@ and the extrapolation to the real size.
 Sizes: `--features F...` fractions of the 123,287 COCO trainval images at 36 x 2048 (synth,
 convert-features, prepare, loader, evaluate, train, Flickr30k); `--questions F...` fractions of
 the VQA v2 + Visual Genome question counts (prepare with a real-size 400,000 x 300 GloVe file);
-`--pictures N...` picture counts for `ban features extract` and `ban data from-images`.
+`--pictures N...` picture counts for `ban features extract` and `ban data from-images`;
+`--steps captions --captions F...` fractions of Flickr30k Entities' images and captions (36 x 128
+features), up to its full size.
 Everything is written under `--root` (default /tmp/scale) and deleted at the end (`--keep`).
 """
 
