@@ -192,8 +192,8 @@ class App:
         max_wait: float = MAX_WAIT,
         batcher: Batcher | None = None,
     ) -> None:
-        """`batcher`: the model thread that `predictor` was made on (see `load_app`); a new one
-        when None."""
+        """`batcher`: the model thread that `predictor` was made on (see `load_app`); when
+        None, a new one bounded by `max_batch` and `max_wait`."""
         self.predictor = predictor
         self.images = images or ImageFolder.for_data(predictor.data_dir)
         ids: set[int] = set()

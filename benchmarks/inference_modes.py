@@ -17,7 +17,7 @@ and for each precision of `ban.inference.inference_model` (fp32 folded, bf16, in
   fp32 answers them, and the largest |logit - fp32 logit| over the split.
 
 The model is called as `ban.Predictor` calls it (no autograd, values checked). Writes the table
-to `--out` (default benchmarks/results/inference_modes_cpu.txt), with the CPU's name and flags
+to the end of `--out` (default benchmarks/results/inference_modes_cpu.txt), with the CPU's name and flags
 and the load average before and after each part: on a shared machine the CPU time per call is
 the steadier figure.
 """
@@ -287,8 +287,11 @@ def main(argv=None) -> None:
         f"process CPU time user {usage.ru_utime:.0f} s + sys {usage.ru_stime:.0f} s"
     )
     print(lines[-1])
-    atomic_write_text(args.out, "\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    # appended: the file keeps every earlier run (docs cite them)
+    out = Path(args.out)
+    before = out.read_text() + "\n" if out.is_file() else ""
+    atomic_write_text(out, before + "\n".join(lines) + "\n")
+    print(f"appended to {args.out}")
 
 
 if __name__ == "__main__":

@@ -188,8 +188,10 @@ def test_benchmark_script_writes_its_table(tmp_path):
     from tests.benchmark_scripts import load
 
     out = tmp_path / "modes.txt"
+    out.write_text("an earlier run\n")
     load("inference_modes").main(["--quick", "--threads", "1", "--out", str(out)])
     text = out.read_text()
+    assert text.startswith("an earlier run\n")  # was: overwritten, the recorded runs lost
     assert "CPU: " in text and "auto picks " in text and "load average" in text
     rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ")]
     modes = [row[0].strip() for row in rows if row[1].strip() == "1"]
