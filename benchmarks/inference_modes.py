@@ -16,10 +16,10 @@ and for each precision of `ban.inference.inference_model` (fp32 folded, bf16, in
   benchmark's val2014 in each precision, its change from fp32, the share of questions answered as
   fp32 answers them, and the largest |logit - fp32 logit| over the split.
 
-The model is called as `ban.Predictor` calls it (no autograd, values checked). Writes the table
-to the end of `--out` (default benchmarks/results/inference_modes_cpu.txt), with the CPU's name and flags
-and the load average before and after each part: on a shared machine the CPU time per call is
-the steadier figure.
+The model is called as `ban.Predictor` calls it (no autograd, values checked). Appends the
+table to `--out` (default benchmarks/results/inference_modes_cpu.txt), with the CPU's name and
+flags and the load average before and after each part: on a shared machine the CPU time per call
+is the steadier figure.
 """
 
 from __future__ import annotations
