@@ -180,12 +180,13 @@ def minimal_descriptions(scene: Scene, index: int) -> list[Description]:
         description = descriptions[kind]
         if count(scene, description) != 1:
             continue
-        if all(count(scene, _without(description, a)) > 1 for a, _ in description):
+        if all(count(scene, without(description, a)) > 1 for a, _ in description):
             found.append(description)
     return found
 
 
-def _without(description: Description, attribute: str) -> Description:
+def without(description: Description, attribute: str) -> Description:
+    """The description with one attribute left out."""
     return tuple(pair for pair in description if pair[0] != attribute)
 
 

@@ -47,6 +47,7 @@ from ban.data.scene_world import (
     count,
     describe,
     phrase,
+    without,
 )
 from ban.files import read_json
 
@@ -310,12 +311,8 @@ def _groups(scene: Scene) -> list[tuple[frozenset, Description]]:
     return [
         (frozenset(m), d)
         for d, m in members.items()
-        if len(m) >= 2 and all(count(scene, _without(d, a)) > len(m) for a, _ in d)
+        if len(m) >= 2 and all(count(scene, without(d, a)) > len(m) for a, _ in d)
     ]
-
-
-def _without(description: Description, attribute: str) -> Description:
-    return tuple(pair for pair in description if pair[0] != attribute)
 
 
 def _with(description: Description, attribute: str, value: str) -> Description:
@@ -338,6 +335,16 @@ def _captions(scene: Scene, rnd: random.Random, chains: _Chains, n: int) -> list
     name several objects; what precedes them in the caption tells which."""
     objects = scene.objects
     groups = _groups(scene)
+    # (group of two or three, its description, an attribute it leaves out whose values differ
+    # between every member): the groups whose members that attribute tells apart
+    told_apart = [
+        (members, description, a)
+        for members, description in groups
+        if len(members) <= 3
+        for a in ATTRIBUTES
+        if a not in dict(description)
+        and len({objects[i].value(a) for i in members}) == len(members)
+    ]
 
     def single(i: int):
         minimal = world.minimal_descriptions(scene, i)
@@ -400,17 +407,9 @@ def _captions(scene: Scene, rnd: random.Random, chains: _Chains, n: int) -> list
 
     def one_each():
         # A group of two or three, then each member by the attribute that tells them apart.
-        options = [
-            (members, description, a)
-            for members, description in groups
-            if len(members) <= 3
-            for a in ATTRIBUTES
-            if a not in dict(description)
-            and len({objects[i].value(a) for i in members}) == len(members)
-        ]
-        if not options:
+        if not told_apart:
             return None
-        members, description, a = rnd.choice(options)
+        members, description, a = rnd.choice(told_apart)
         order = rnd.sample(sorted(members), len(members))
         ones = [(frozenset([i]), f"one {objects[i].value(a)}") for i in order]
         text = "{} , " + " , ".join(["{}"] * (len(ones) - 1)) + " and {} , are on {} ."
@@ -419,13 +418,8 @@ def _captions(scene: Scene, rnd: random.Random, chains: _Chains, n: int) -> list
     def another():
         # "A red circle and another circle": the description names exactly two objects; the
         # first is named with one more attribute, the second only as "another".
-        options = [
-            (members, description, a)
-            for members, description in groups
-            if len(members) == 2
-            for a in ATTRIBUTES
-            if a not in dict(description) and len({objects[i].value(a) for i in members}) == 2
-        ]
+        options = [(members, description, a) for members, description, a in told_apart
+                   if len(members) == 2]  # fmt: skip
         if not options:
             return None
         members, description, a = rnd.choice(options)

@@ -469,24 +469,24 @@ class VQADataset(Dataset):
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict:
-        entry = self.entries
-        image_id = entry.get(index, "image_id")
+        entries = self.entries
+        image_id = entries.get(index, "image_id")
         features, spatials = self.stores[self._store_of[index]][image_id]
         item = {
             "features": torch.from_numpy(features),
             "spatials": torch.from_numpy(spatials),
-            "question": torch.tensor(entry.get(index, "tokens"), dtype=torch.int64),
-            "question_id": entry.get(index, "question_id"),
+            "question": torch.tensor(entries.get(index, "tokens"), dtype=torch.int64),
+            "question_id": entries.get(index, "question_id"),
             "image_id": image_id,
-            "answer_type": entry.get(index, "answer_type"),
-            "question_type": entry.get(index, "question_type"),
+            "answer_type": entries.get(index, "answer_type"),
+            "question_type": entries.get(index, "question_type"),
         }
         if self.has_target:
             target = torch.zeros(len(self.answers), dtype=torch.float32)
-            labels = entry.get(index, "labels")
+            labels = entries.get(index, "labels")
             if labels:
                 target[torch.tensor(labels)] = torch.tensor(
-                    entry.get(index, "scores"), dtype=torch.float32
+                    entries.get(index, "scores"), dtype=torch.float32
                 )
             item["target"] = target
         return item
