@@ -168,6 +168,10 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tiny_data, tmp_path):
         config, tmp_path / "part", resume=True, progress=False, max_steps=steps_per_epoch
     )
     assert part.status == "stopped" and (part.progress.epoch, part.progress.step_in_epoch) == (1, 0)
+    # a stop at an epoch's end is logged like one within it
+    last = json.loads((tmp_path / "part" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (last["kind"], last["epoch"], last["step_in_epoch"]) == ("stop", 1, 0)
+    assert (last["step"], last["reason"]) == (steps_per_epoch, "stopped")
     part = engine.train(config, tmp_path / "part", resume=True, progress=False)
     assert part.status == "finished"
     assert_same_weights(

@@ -382,9 +382,13 @@ def _train(task, config, env, device, run_dir, cleanup, resume, max_steps, progr
             more = prog.epoch < config.epochs
             if max_steps is not None and prog.global_step >= max_steps and more:
                 status = "stopped"
-                break
-            if any_process(stop.signal is not None, env, device) and more:
+            elif any_process(stop.signal is not None, env, device) and more:
                 status, signum = "interrupted", stop.signal
+            if status != "finished":  # the state and checkpoint of this epoch's end are saved
+                if env.is_main:
+                    log.write(
+                        "stop", prog.global_step, epoch=prog.epoch, step_in_epoch=0, reason=status
+                    )
                 break
 
     report = None
