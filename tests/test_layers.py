@@ -9,6 +9,8 @@ from ban.layers import (
     Dropout,
     FCNet,
     WeightNormLinear,
+    _folded_logits,
+    _FoldedLogits,
     weight_norm,
 )
 
@@ -101,6 +103,32 @@ def test_attention_map_matches_the_equations():
     assert torch.allclose(maps, naive_maps, atol=1e-6)
     assert torch.all(maps[1, :, 5:] == 0)  # padded boxes: exactly zero attention
     assert torch.allclose(maps.sum(dim=(2, 3)), torch.ones(2, 3))
+
+
+def test_cpu_attention_logits_backward_matches_autograd_of_the_formula():
+    torch.manual_seed(0)
+    v_ = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
+    q_ = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    p = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_FoldedLogits.apply, (v_, q_, p))
+    grad = torch.randn(2, 7, 12, dtype=torch.float64)
+    naive = torch.einsum("bnk,gk,btk->bngt", v_, p, q_).reshape(2, 7, 12)
+    expected = torch.autograd.grad((naive * grad).sum(), (v_, q_, p))
+    got = torch.autograd.grad((_FoldedLogits.apply(v_, q_, p) * grad).sum(), (v_, q_, p))
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(_folded_logits(v_, q_, p), naive)  # the form used on GPUs
+
+
+def test_attention_trains_under_cpu_autocast():
+    torch.manual_seed(0)
+    layer = BilinearAttentionMap(6, 5, hidden=4, glimpses=3)
+    v, q = torch.randn(2, 7, 6), torch.randn(2, 4, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        maps, _ = layer(v, q, torch.ones(2, 7, dtype=torch.bool))
+    (maps[..., 0].float() ** 2).sum().backward()
+    for name, parameter in layer.named_parameters():
+        assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
+        assert torch.isfinite(parameter.grad).all(), name
 
 
 def test_question_mask_removes_padded_tokens():
