@@ -219,7 +219,7 @@ def _folded_logits(v_: torch.Tensor, q_: torch.Tensor, p: torch.Tensor) -> torch
     side (T <= N), `[B, G*T, HK]`, then one batched matmul."""
     batch, _, joint = q_.shape
     q_g = (q_.unsqueeze(1) * p[None, :, None, :]).reshape(batch, -1, joint)
-    return torch.bmm(q_g, v_.transpose(1, 2)).transpose(1, 2)
+    return torch.bmm(v_, q_g.transpose(1, 2))
 
 
 class _FoldedLogits(torch.autograd.Function):
@@ -229,8 +229,10 @@ class _FoldedLogits(torch.autograd.Function):
         dv_ = G Q,    dQ = G^T v_,    dq_ = sum_g dQ_g * p_g,    dp_g = sum_{b,t} dQ_g * q_
 
     autograd's own backward of the broadcast product reduces `[B, G, T, HK]` over two strided
-    dimensions, which with its batched matmuls made this ~40 % of the attention's training time
-    on a CPU (ban-small); this takes about half. Same values (the products in another order)."""
+    dimensions and runs its batched products on transposed operands: forward and backward took
+    38.9 ms at `ban-small`'s size (batch 128, one CPU thread), this 22.2 ms (docs/performance.md,
+    change 8). The forward is `bmm(Q, v_^T)`, a faster layout there. Same values up to the order
+    of the sums."""
 
     @staticmethod
     def forward(ctx, v_: torch.Tensor, q_: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,23 @@
 """Each CPU-side speed change against its previous form, interleaved in one process.
 
-    python benchmarks/cpu_changes.py [--rounds 4] [--steps 3] [--batch 32]
+    python benchmarks/cpu_changes.py [--rounds 4] [--steps 3] [--batch 32] [--preset ban-8-vqa]
+    python benchmarks/cpu_changes.py --preset ban-small --batch 128 --steps 10   # the CPU default
+    python benchmarks/cpu_changes.py --only "attention logits"
 
-At the paper's size (batch 32, fp32), one model and batch. For each change the previous form is
-put back by replacing one function, the two alternate round by round, and the script prints the
-median seconds of a training step (and of an inference pass) of each, and their ratio:
+At the paper's size (batch 32, fp32) unless told, one model and batch. For each change the
+previous form is put back by replacing one function, the two alternate round by round, and the
+script prints the median seconds of a training step (and of an inference pass) of each, and
+their ratio:
 
 - dropout: `ban.layers.Dropout` draws its CPU mask as `rand >= p`; before, torch's dropout
   (its CPU Bernoulli sampler);
 - weight norm: `ban.layers.weight_norm` has its own backward (three passes over v); before,
   autograd's backward of `v * (g / v.norm())`;
 - token states: `BAN.encode_question` returns contiguous GRU states; before, the batch-first
-  GRU's time-major view, on which every linear layer runs as B small products.
+  GRU's time-major view, on which every linear layer runs as B small products;
+- attention logits: on CPU, the bilinear logits (Eq. 4) have their own backward
+  (`ban.layers._FoldedLogits`); before, autograd's backward of the broadcast product and the
+  batched matmul (`ban.layers._folded_logits`, the form still used on GPUs).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -42,6 +49,7 @@ CHANGES = {  # name: (the object, the attribute, its previous form)
     "dropout": (layers.Dropout, "forward", nn.Dropout.forward),
     "weight norm": (layers, "weight_norm", lambda v, g: v * (g / v.norm())),
     "token states": (BAN, "encode_question", _states_as_view),
+    "attention logits": (layers, "_FoldedLogits", SimpleNamespace(apply=layers._folded_logits)),
 }
 
 
@@ -61,18 +69,23 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--preset", default="ban-8-vqa", help="model preset (ban-8-vqa)")
+    parser.add_argument("--only", nargs="+", choices=list(CHANGES), help="these changes alone")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    config = ban.preset("ban-8-vqa", vocab_size=20000)
+    vocabulary = {"vocab_size": 20000} if args.preset == "ban-8-vqa" else {}
+    config = ban.preset(args.preset, **vocabulary)
     model = ban.BAN(config)
     inputs = make_batch(config, args.batch, 36, torch.device("cpu"))
     train = train_step_fn(model, torch.optim.Adamax(model.parameters(), lr=1e-4), inputs, None)
     infer = infer_fn(model, inputs, None)
-    print(f"paper size, batch {args.batch}, fp32, {torch.get_num_threads()} threads; "
+    print(f"{args.preset}, batch {args.batch}, fp32, {torch.get_num_threads()} threads; "
           f"median seconds over {args.rounds * args.steps} calls")  # fmt: skip
-    print(f"{'change':<14}{'train before':>14}{'train after':>13}{'x':>6}"
+    print(f"{'change':<18}{'train before':>14}{'train after':>13}{'x':>6}"
           f"{'infer before':>14}{'infer after':>13}{'x':>6}")  # fmt: skip
     for name, (owner, attribute, previous) in CHANGES.items():
+        if args.only and name not in args.only:
+            continue
         current = getattr(owner, attribute)
         seconds = {("train", False): [], ("train", True): [], ("infer", False): [],
                    ("infer", True): []}  # fmt: skip
@@ -87,7 +100,7 @@ def main(argv=None):
         finally:
             setattr(owner, attribute, current)
         m = {key: statistics.median(values) for key, values in seconds.items()}
-        print(f"{name:<14}{m['train', False]:>14.3f}{m['train', True]:>13.3f}"
+        print(f"{name:<18}{m['train', False]:>14.3f}{m['train', True]:>13.3f}"
               f"{m['train', False] / m['train', True]:>6.2f}{m['infer', False]:>14.3f}"
               f"{m['infer', True]:>13.3f}{m['infer', False] / m['infer', True]:>6.2f}")  # fmt: skip
 
