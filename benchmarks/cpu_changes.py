@@ -3,6 +3,7 @@
     python benchmarks/cpu_changes.py [--rounds 4] [--steps 3] [--batch 32] [--preset ban-8-vqa]
     python benchmarks/cpu_changes.py --preset ban-small --batch 128 --steps 10   # the CPU default
     python benchmarks/cpu_changes.py --only "attention logits"
+    python benchmarks/cpu_changes.py --loading DATA   # change 9: VQA batches of a prepared DATA
 
 At the paper's size (batch 32, fp32) unless told, one model and batch. For each change the
 previous form is put back by replacing one function, the two alternate round by round, and the
@@ -18,6 +19,11 @@ their ratio:
 - attention logits: on CPU, the bilinear logits (Eq. 4) have their own backward
   (`ban.layers._FoldedLogits`); before, autograd's backward of the broadcast product and the
   batched matmul (`ban.layers._folded_logits`, the form still used on GPUs).
+
+`--loading DATA` times, instead, the making of training batches from a prepared data directory
+(features in memory, batches of `--batch`, in this process as the engine's default loader does):
+`VQADataset.__getitem__` builds its target and token tensors with numpy and `collate` stacks
+images with equal box counts; before, torch's indexing on small tensors and a copy per image.
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ from model_speed import infer_fn, make_batch, train_step_fn  # noqa: E402
 
 import ban  # noqa: E402
 from ban import layers  # noqa: E402
+from ban.data import vqa as vqa_data  # noqa: E402
 from ban.model import BAN  # noqa: E402
+from ban.tasks import vqa  # noqa: E402
 
 
 def _states_as_view(self, q, check_values=True):
@@ -51,6 +59,69 @@ CHANGES = {  # name: (the object, the attribute, its previous form)
     "token states": (BAN, "encode_question", _states_as_view),
     "attention logits": (layers, "_FoldedLogits", SimpleNamespace(apply=layers._folded_logits)),
 }
+
+
+def _item_before(self, index):
+    """`VQADataset.__getitem__` before change 9: torch tensors built from Python lists."""
+    entries = self.entries
+    image_id = entries.get(index, "image_id")
+    features, spatials = self.stores[self._store_of[index]][image_id]
+    item = {
+        "features": torch.from_numpy(features),
+        "spatials": torch.from_numpy(spatials),
+        "question": torch.tensor(entries.get(index, "tokens"), dtype=torch.int64),
+        "question_id": entries.get(index, "question_id"),
+        "image_id": image_id,
+        "answer_type": entries.get(index, "answer_type"),
+        "question_type": entries.get(index, "question_type"),
+    }
+    if self.has_target:
+        target = torch.zeros(len(self.answers), dtype=torch.float32)
+        labels = entries.get(index, "labels")
+        if labels:
+            scores = entries.get(index, "scores")
+            target[torch.tensor(labels)] = torch.tensor(scores, dtype=torch.float32)
+        item["target"] = target
+    return item
+
+
+def _collate_before(samples):
+    """`collate` before change 9: a copy into the padded batch for every image."""
+    n = max(s["features"].shape[0] for s in samples)
+    b, dv = len(samples), samples[0]["features"].shape[1]
+    features = torch.zeros(b, n, dv)
+    spatials = torch.zeros(b, n, samples[0]["spatials"].shape[1])
+    box_mask = torch.zeros(b, n, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        k = s["features"].shape[0]
+        features[i, :k], spatials[i, :k], box_mask[i, :k] = s["features"], s["spatials"], True
+    return vqa_data._batch(samples, features, spatials, box_mask)
+
+
+_item_now = vqa_data.VQADataset.__getitem__
+
+
+def loading(data: str, batch: int, rounds: int, steps: int) -> None:
+    """Change 9: seconds to make a training batch, before and after, alternated."""
+    dataset = vqa.open_split(data, "train2014", in_memory=True)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    batches = iter(range(0, len(order) - batch, batch))
+
+    def make(item, collate):
+        def one():
+            start = next(batches)
+            return collate([item(dataset, i) for i in order[start : start + batch]])
+
+        return one
+
+    seconds = {False: [], True: []}
+    for _ in range(rounds):
+        seconds[False] += timed_calls(make(_item_before, _collate_before), steps)
+        seconds[True] += timed_calls(make(_item_now, vqa_data.collate), steps)
+    before, after = (statistics.median(seconds[k]) for k in (False, True))
+    print(f"loading, batch {batch}, in memory; median seconds over {rounds * steps} batches")
+    print(f"{'change':<18}{'before':>14}{'after':>13}{'x':>6}")
+    print(f"{'batches':<18}{before:>14.4f}{after:>13.4f}{before / after:>6.2f}")
 
 
 def timed_calls(fn, steps):
@@ -71,7 +142,11 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--preset", default="ban-8-vqa", help="model preset (ban-8-vqa)")
     parser.add_argument("--only", nargs="+", choices=list(CHANGES), help="these changes alone")
+    parser.add_argument("--loading", metavar="DATA", help="time change 9 on prepared DATA")
     args = parser.parse_args(argv)
+    if args.loading:
+        loading(args.loading, args.batch, args.rounds, max(args.steps, 10))
+        return
     torch.manual_seed(0)
     vocabulary = {"vocab_size": 20000} if args.preset == "ban-8-vqa" else {}
     config = ban.preset(args.preset, **vocabulary)

@@ -167,6 +167,20 @@ def test_collate_pads_with_zero_rows():
     assert "target" not in collate([_sample(2, target=False)])
 
 
+def test_collate_of_equal_box_counts_matches_the_padded_layout():
+    samples = [_sample(4, qid=1), _sample(4, qid=2)]
+    samples[1]["features"] = samples[1]["features"].half()  # a float16 store: float32 out
+    batch = collate(samples)
+    assert batch["features"].dtype == batch["spatials"].dtype == torch.float32
+    torch.testing.assert_close(batch["features"][0], samples[0]["features"])
+    torch.testing.assert_close(batch["features"][1], samples[1]["features"].float())
+    torch.testing.assert_close(batch["spatials"][1], samples[1]["spatials"])
+    assert batch["box_mask"].tolist() == [[True] * 4] * 2
+    padded = collate([*samples, _sample(5, qid=3)])  # the same samples through the padded path
+    torch.testing.assert_close(padded["features"][:2, :4], batch["features"])
+    assert padded["box_mask"][:2].tolist() == [[True] * 4 + [False]] * 2
+
+
 LINES = [
     {"question_id": 1, "image_id": 7, "question": "What is it?", "tokens": [3, 4, 0],
      "answers": ["yes"] * 9 + ["no"], "multiple_choice_answer": "yes", "answer_type": "yes/no",
@@ -231,3 +245,26 @@ def test_entries_take_a_fraction_of_the_memory_of_dicts():
     entries, per_entry = measure(lambda: _sealed(Entries(lines(3000))))
     assert entries[1234] == dicts[1234]
     assert per_dict > 1500 and per_entry < 400 and per_entry < per_dict / 5, (per_dict, per_entry)
+
+
+def test_items_and_batches_equal_their_previous_forms(tmp_path, capsys):
+    """benchmarks/cpu_changes.py --loading times the previous forms: they must make the same
+    batches, so that its ratio compares like with like."""
+    from ban.tasks import vqa
+    from tests import benchmark_scripts
+    from tests.test_engine import make_tiny_data
+
+    changes = benchmark_scripts.load("cpu_changes")
+    data = make_tiny_data(tmp_path, train_images=12)
+    dataset = vqa.open_split(data, "train2014", in_memory=True)
+    indices = list(range(len(dataset)))
+    now = collate([dataset[i] for i in indices])
+    before = changes._collate_before([changes._item_before(dataset, i) for i in indices])
+    assert now.keys() == before.keys() and now["target"].abs().sum() > 0
+    for key in now:
+        if isinstance(now[key], torch.Tensor):
+            assert now[key].dtype == before[key].dtype and torch.equal(now[key], before[key]), key
+        else:
+            assert now[key] == before[key], key
+    changes.loading(str(data), batch=4, rounds=1, steps=2)
+    assert "batches" in capsys.readouterr().out

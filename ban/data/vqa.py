@@ -12,6 +12,7 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -475,20 +476,18 @@ class VQADataset(Dataset):
         item = {
             "features": torch.from_numpy(features),
             "spatials": torch.from_numpy(spatials),
-            "question": torch.tensor(entries.get(index, "tokens"), dtype=torch.int64),
+            "question": torch.from_numpy(np.array(entries.get(index, "tokens"), dtype=np.int64)),
             "question_id": entries.get(index, "question_id"),
             "image_id": image_id,
             "answer_type": entries.get(index, "answer_type"),
             "question_type": entries.get(index, "question_type"),
         }
-        if self.has_target:
-            target = torch.zeros(len(self.answers), dtype=torch.float32)
+        if self.has_target:  # numpy: for 1-3 labels it is ~4x faster than torch's indexing
+            target = np.zeros(len(self.answers), dtype=np.float32)
             labels = entries.get(index, "labels")
             if labels:
-                target[torch.tensor(labels)] = torch.tensor(
-                    entries.get(index, "scores"), dtype=torch.float32
-                )
-            item["target"] = target
+                target[labels] = entries.get(index, "scores")
+            item["target"] = torch.from_numpy(target)
         return item
 
     def annotations(self) -> dict[int, dict]:
@@ -515,8 +514,16 @@ def collate(samples: list[dict]) -> dict:
     """
     if not samples:
         raise ValueError("collate: empty batch")
-    n = max(s["features"].shape[0] for s in samples)
+    counts = [s["features"].shape[0] for s in samples]
+    n = max(counts)
     b, dv = len(samples), samples[0]["features"].shape[1]
+    if min(counts) == n:  # every image has the same number of boxes (36 in most releases)
+        return _batch(
+            samples,
+            torch.stack([s["features"] for s in samples]).float(),
+            torch.stack([s["spatials"] for s in samples]).float(),
+            torch.ones(b, n, dtype=torch.bool),
+        )
     features = torch.zeros(b, n, dv, dtype=torch.float32)
     spatials = torch.zeros(b, n, samples[0]["spatials"].shape[1], dtype=torch.float32)
     box_mask = torch.zeros(b, n, dtype=torch.bool)
@@ -525,6 +532,10 @@ def collate(samples: list[dict]) -> dict:
         features[i, :k] = s["features"]
         spatials[i, :k] = s["spatials"]
         box_mask[i, :k] = True
+    return _batch(samples, features, spatials, box_mask)
+
+
+def _batch(samples: list[dict], features, spatials, box_mask) -> dict:
     batch = {
         "features": features,
         "spatials": spatials,
