@@ -418,8 +418,7 @@ def _captions(scene: Scene, rnd: random.Random, chains: _Chains, n: int) -> list
     def another():
         # "A red circle and another circle": the description names exactly two objects; the
         # first is named with one more attribute, the second only as "another".
-        options = [(members, description, a) for members, description, a in told_apart
-                   if len(members) == 2]  # fmt: skip
+        options = [option for option in told_apart if len(option[0]) == 2]  # pairs
         if not options:
             return None
         members, description, a = rnd.choice(options)
