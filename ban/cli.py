@@ -674,6 +674,12 @@ def _add_data_commands(data) -> None:
         "the features alone)",
     )
     p.add_argument(
+        "--captioned-train-images",
+        type=int,
+        help="Flickr30k captions for the first N train2014 images only (default: all; the "
+        "default benchmark: 4000, what `ban train --task flickr` uses)",
+    )
+    p.add_argument(
         "--families",
         nargs="+",
         help="question families (default: all but spatial, which BAN cannot see; "
@@ -817,6 +823,7 @@ def _run_synth(args) -> int:
         "test_images": args.test_images,
         "feature_dim": args.feature_dim,
         "families": args.families,
+        "captioned_train_images": args.captioned_train_images,
     }
     out = generate(
         args.out,

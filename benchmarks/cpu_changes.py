@@ -18,7 +18,12 @@ their ratio:
   GRU's time-major view, on which every linear layer runs as B small products;
 - attention logits: on CPU, the bilinear logits (Eq. 4) have their own backward
   (`ban.layers._FoldedLogits`); before, autograd's backward of the broadcast product and the
-  batched matmul (`ban.layers._folded_logits`, the form still used on GPUs).
+  batched matmul (`ban.layers._folded_logits`, the form still used on GPUs);
+- counter maps: the counter's piecewise-linear maps (`ban.counting._SegmentMap`) take their
+  segment by truncation instead of `floor`, read their tables with `torch.take` and sum the
+  weights' gradient in the input's dtype; before, `floor`, advanced indexing and float64 sums;
+- counter pairs: `Counter._count` computes the symmetric box similarity for the pairs i < j only;
+  before, the release's full m x m form (its largest tensor, [B, m, m, m], twice the work).
 
 `--loading DATA` times, instead, the making of training batches from a prepared data directory
 (features in memory, batches of `--batch`, in this process as the engine's default loader does):
@@ -42,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from model_speed import infer_fn, make_batch, train_step_fn  # noqa: E402
 
 import ban  # noqa: E402
-from ban import layers  # noqa: E402
+from ban import counting, layers  # noqa: E402
 from ban.data import vqa as vqa_data  # noqa: E402
 from ban.model import BAN  # noqa: E402
 from ban.tasks import vqa  # noqa: E402
@@ -53,11 +58,67 @@ def _states_as_view(self, q, check_values=True):
     return states
 
 
+class _SegmentMapBefore(torch.autograd.Function):
+    """`ban.counting._SegmentMap` before change 10: `floor` for the segment, advanced indexing
+    for the tables, the weights' gradient summed in float64."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        pieces = w.numel() - 1
+        y = x.clamp(0, 1) * pieces
+        k = y.floor().nan_to_num(0.0).clamp(max=pieces - 1)
+        frac = y - k
+        k = k.long()
+        cumulative = w.cumsum(0) - w[0]
+        ctx.save_for_backward(x, w, k, frac)
+        return cumulative[k] + frac * w[k + 1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, k, frac = ctx.saved_tensors
+        pieces = w.numel() - 1
+        inside = (x >= 0) & (x <= 1)
+        grad_x = torch.where(inside, grad * (pieces * w[k + 1]), torch.zeros_like(grad))
+        flat_k = k.reshape(-1)
+        whole = torch.bincount(flat_k, weights=grad.reshape(-1).double(), minlength=pieces)
+        part = torch.bincount(flat_k, weights=(grad * frac).reshape(-1).double(), minlength=pieces)
+        grad_w = torch.zeros(pieces + 1, dtype=torch.float64, device=w.device)
+        grad_w[1:] = whole.flip(0).cumsum(0).flip(0) - whole + part
+        return grad_x, grad_w.to(w.dtype)
+
+
+def _count_before(self, boxes, attention):
+    """`Counter._count` before change 10: every m x m similarity (the release's form)."""
+    attention, index = attention.topk(self.objects, dim=1)
+    boxes = boxes.gather(2, index.unsqueeze(1).expand(-1, boxes.shape[1], -1))
+    attention = torch.sigmoid(attention)
+    relevancy = counting.outer_product(attention)
+    distance = 1 - counting.iou(boxes, boxes)
+    score = self.f[0](relevancy) * self.f[1](distance)
+    dedup_score = self.f[3](relevancy) * self.f[4](distance)
+
+    def outer_diff(x):
+        return (x.unsqueeze(-1) - x.unsqueeze(-2)).abs()
+
+    similarity = self.f[2](1 - outer_diff(dedup_score)).prod(dim=1) * self.f[2](
+        1 - outer_diff(attention)
+    )
+    row_similarity = similarity.sum(dim=2)
+    score = score / counting.outer_product(row_similarity)
+    correction = self.f[0](attention * attention) / row_similarity
+    count = (score.sum(dim=(1, 2)) + correction.sum(dim=1) + 1e-20).sqrt()
+    attention_confidence = (self.f[5](attention) - 0.5).abs().mean(dim=1)
+    distance_confidence = (self.f[6](distance) - 0.5).abs().mean(dim=(1, 2))
+    return count, self.f[7](attention_confidence + distance_confidence)
+
+
 CHANGES = {  # name: (the object, the attribute, its previous form)
     "dropout": (layers.Dropout, "forward", nn.Dropout.forward),
     "weight norm": (layers, "weight_norm", lambda v, g: v * (g / v.norm())),
     "token states": (BAN, "encode_question", _states_as_view),
     "attention logits": (layers, "_FoldedLogits", SimpleNamespace(apply=layers._folded_logits)),
+    "counter maps": (counting, "_SegmentMap", _SegmentMapBefore),
+    "counter pairs": (counting.Counter, "_count", _count_before),
 }
 
 

@@ -2,6 +2,7 @@
 
 import torch
 
+from ban import counting
 from ban.counting import Counter, PiecewiseLinear, iou
 
 BOXES = 12  # the counter looks at the 10 most attended
@@ -162,3 +163,65 @@ def test_counter_on_cpu_equals_the_dense_counter():
     assert torch.allclose(a_att, b_att, atol=1e-5)
     for ga, gb in zip(a_w, b_w, strict=True):
         assert torch.allclose(ga, gb, atol=1e-4, rtol=1e-4)
+
+
+def test_counter_equals_the_release_counter_in_value_and_gradient():
+    # The release builds every m x m similarity; ours computes the pairs i < j only (the matrix is
+    # symmetric with ones on the diagonal). The same counts and attention gradients, in float64.
+    from tests.release_reference import _counter
+
+    torch.manual_seed(2)
+    counter = Counter().double()
+    with torch.no_grad():
+        for f in counter.f:
+            f.weight.copy_(torch.rand(17, dtype=torch.float64) + 0.1)
+            f.weight[0] = 0
+    state = {f"module.counter.f.{i}.weight": f.weight for i, f in enumerate(counter.f)}
+    boxes = torch.rand(6, 4, 36, dtype=torch.float64) * 0.6
+    boxes[:, 2:] += boxes[:, :2] * 0.5 + 0.05  # overlapping boxes of various sizes
+    attention = torch.randn(6, 36, dtype=torch.float64) * 2
+    grads = []
+    for count in (counter, lambda b, a: _counter(state, b, a)):
+        a = attention.clone().requires_grad_()
+        out = count(boxes, a)
+        (out * torch.arange(11.0, dtype=torch.float64)).sum().backward()
+        grads.append((out.detach(), a.grad))
+    (ours, ours_grad), (release, release_grad) = grads
+    assert torch.allclose(ours, release, atol=1e-12, rtol=0)
+    assert torch.allclose(ours_grad, release_grad, atol=1e-10, rtol=0)
+    assert ours.sum(dim=1).max() > 0.1  # the counts are not all zero
+
+
+def test_the_benchmarks_previous_counter_forms_compute_the_same():
+    """benchmarks/cpu_changes.py times change 10 against frozen previous forms: they must give
+    the same counts and gradients, so that its ratios compare like with like."""
+    from tests import benchmark_scripts
+
+    changes = benchmark_scripts.load("cpu_changes")
+    torch.manual_seed(3)
+    counter = Counter()
+    with torch.no_grad():
+        for f in counter.f:
+            f.weight.copy_(torch.rand(17) + 0.1)
+            f.weight[0] = 0
+    boxes = torch.rand(8, 4, 36) * 0.6
+    boxes[:, 2:] += boxes[:, :2] * 0.5 + 0.05
+    attention = torch.randn(8, 36) * 2
+    results = []
+    for segment_map, count in (
+        (counting._SegmentMap, Counter._count),
+        (changes._SegmentMapBefore, changes._count_before),
+    ):
+        saved = counting._SegmentMap, Counter._count
+        counting._SegmentMap, Counter._count = segment_map, count
+        try:
+            a = attention.clone().requires_grad_()
+            counter.zero_grad()
+            (counter(boxes, a) * torch.arange(11.0)).sum().backward()
+            results.append((a.grad, [f.weight.grad.clone() for f in counter.f[:8]]))
+        finally:
+            counting._SegmentMap, Counter._count = saved
+    (now, now_w), (before, before_w) = results
+    assert torch.allclose(now, before, atol=1e-5) and now.abs().sum() > 0
+    for a, b in zip(now_w, before_w, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)

@@ -339,6 +339,33 @@ def test_the_real_readers_load_every_file(raw, tmp_path):
         assert (Path(out) / f"{split}.jsonl").stat().st_size > 0
 
 
+def test_captions_for_the_first_training_images_only_change_nothing_else(tmp_path, monkeypatch):
+    monkeypatch.setattr(scenes, "CHUNK", 7)  # the limit falls inside a chunk
+    args = dict(train_images=20, val_images=4, test_images=2, feature_dim=8, seed=1, workers=1)
+    every = files(scenes.generate(tmp_path / "all", **args))
+    out = scenes.generate(tmp_path / "some", captioned_train_images=9, **args)
+    some = files(out)
+    flickr = [k for k in every if k.startswith("flickr30k/")]
+    train_ids = (out / "flickr30k" / "train.txt").read_text().split()
+    assert train_ids == [str(1_000_001 + i) for i in range(9)]  # the first nine, in order
+    assert sorted(k for k in flickr if k not in some) == [
+        f"flickr30k/{kind}/{1_000_001 + i}.{ext}"
+        for kind, ext in (("Annotations", "xml"), ("Sentences", "txt"))
+        for i in range(9, 20)
+    ]
+    # the captions are drawn last for each scene: every other byte is the same
+    differ = sorted(k for k in some if some[k] != every[k])
+    assert differ == ["flickr30k/train.txt", "scenes.json"]
+    options = scenes.read_json(out / "scenes.json")["options"]
+    assert options["captioned_train_images"] == 9
+    assert (
+        scenes.read_json(tmp_path / "all" / "scenes.json")["options"]["captioned_train_images"]
+        == 20
+    )
+    with pytest.raises(ValueError, match="captioned_train_images"):
+        scenes.generate(tmp_path / "bad", captioned_train_images=-1, **args)
+
+
 def test_default_benchmark_is_built_once_atomically(tmp_path, monkeypatch, capsys):
     calls, generate = [], scenes.generate
 
@@ -389,6 +416,7 @@ def test_a_cached_benchmark_that_is_not_the_default_is_refused(tmp_path):
             "feature_dim": scenes.DEFAULT_FEATURE_DIM,
             "boxes": 36,
             "captions_per_image": 5,
+            "captioned_train_images": scenes.FLICKR_TRAIN_IMAGES,
             "families": list(scenes.DEFAULT_FAMILIES),
             "pictures": "val+test",
         },
@@ -438,9 +466,10 @@ def test_cli_synth(tmp_path, capsys):
     out = tmp_path / "raw"
     args = ["data", "synth", "--out", str(out), "--train-images", "5", "--val-images", "3"]
     args += ["--test-images", "0", "--feature-dim", "8", "--boxes", "adaptive", "--no-images"]
-    assert main(args) == 0
+    assert main([*args, "--captioned-train-images", "2"]) == 0
     rows = read_tsv(out / "features" / "scenes_train2014.tsv")
     assert len(rows) == 5 and rows[0]["features"].shape[1] == 8
+    assert (out / "flickr30k" / "train.txt").read_text().split() == ["1000001", "1000002"]
     assert main(["data", "synth", "--out", str(out), "--boxes", "many"]) == 2
 
 

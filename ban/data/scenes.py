@@ -51,12 +51,13 @@ from ban.data.scene_world import (
 )
 from ban.files import read_json
 
-VERSION = "scenes-v3"
+VERSION = "scenes-v4"
 DEFAULT_TRAIN_IMAGES = 24000
 DEFAULT_VAL_IMAGES = 1000
 DEFAULT_TEST_IMAGES = 250
 # Grounding trains on the first 4,000 training scenes (20,000 captions), the size its measured
-# recipe was made for: `ban train --task flickr` stays a few minutes (docs/grounding.md).
+# recipe was made for: `ban train --task flickr` stays a few minutes (docs/grounding.md). The
+# default benchmark writes captions for these only (captions are a fifth of the generation).
 FLICKR_TRAIN_IMAGES = 4000
 DEFAULT_FEATURE_DIM = 128
 DEFAULT_NUM_BOXES = 36
@@ -547,6 +548,7 @@ class _Chunk:
     num_boxes: int | None  # None: adaptive
     images: bool
     captions_per_image: int
+    captioned: int  # images start..captioned-1 of the split get captions (Flickr30k files)
     detector: bool = True  # False: no simulated features (the backbone writes them afterwards)
     families: tuple[str, ...] = DEFAULT_FAMILIES  # the question families asked
 
@@ -572,14 +574,15 @@ def _make_chunk(chunk: _Chunk) -> tuple[list[Scene], list[Question], Path]:
         scene, asked = _scene_and_questions(rnd, c.offset + index + 1, balancer, c.families)
         scenes.append(scene)
         questions += asked
-        chains = _Chains(scene.image_id)
-        lines = _captions(scene, rnd, chains, c.captions_per_image)
-        (flickr / "Sentences" / f"{scene.image_id}.txt").write_text(
-            "".join(line + "\n" for line in lines), encoding="utf-8"
-        )
-        (flickr / "Annotations" / f"{scene.image_id}.xml").write_text(
-            _xml(scene, chains), encoding="utf-8"
-        )
+        if index < c.captioned:  # the captions draw from `rnd` last: skipping them moves nothing
+            chains = _Chains(scene.image_id)
+            lines = _captions(scene, rnd, chains, c.captions_per_image)
+            (flickr / "Sentences" / f"{scene.image_id}.txt").write_text(
+                "".join(line + "\n" for line in lines), encoding="utf-8"
+            )
+            (flickr / "Annotations" / f"{scene.image_id}.xml").write_text(
+                _xml(scene, chains), encoding="utf-8"
+            )
         if c.images:
             world.render(scene, c.out / "images" / f"{scene.image_id}.png")
         if c.detector:
@@ -602,6 +605,7 @@ def generate(
     images: bool = True,
     train_pictures: bool = True,
     captions_per_image: int = CAPTIONS_PER_IMAGE,
+    captioned_train_images: int | None = None,
     families: tuple[str, ...] | list[str] = DEFAULT_FAMILIES,
     workers: int | None = None,
     features: str = "detector",
@@ -617,7 +621,8 @@ def generate(
     `v2_mscoco_{train2014,val2014}_annotations.json`, `features/scenes_<split>.tsv` (bottom-up TSV,
     `num_boxes` boxes per image, or 10..100 with `adaptive`, features [n, feature_dim]),
     `flickr30k/{Sentences,Annotations}/<image_id>.{txt,xml}` and `flickr30k/{train,val,test}.txt`
-    (the train2014, val2014 and test2015 images), `images/<image_id>.png` (unless
+    (the train2014, val2014 and test2015 images; of train2014, the first
+    `captioned_train_images` only when given), `images/<image_id>.png` (unless
     `images=False`; only val2014's and test2015's with `train_pictures=False`: training reads the
     features alone, and drawing the pictures is a third of the generation time) and `scenes.json`
     (ground truth: objects, question families). test-dev2015 is the first half of test2015's
@@ -659,12 +664,19 @@ def generate(
             f"{MAX_OBJECTS} (got {num_boxes}) and image counts >= 0 (got {train_images}, "
             f"{val_images}, {test_images})"
         )
+    if captioned_train_images is not None and captioned_train_images < 0:
+        raise ValueError(
+            f"generate: captioned_train_images must be >= 0, got {captioned_train_images}"
+        )
     out = Path(out_dir)
     for sub in ("features", "flickr30k/Sentences", "flickr30k/Annotations"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     if images:
         (out / "images").mkdir(exist_ok=True)
     sizes = {"train2014": train_images, "val2014": val_images, "test2015": test_images}
+    captioned = dict(sizes)
+    if captioned_train_images is not None:
+        captioned["train2014"] = min(captioned_train_images, train_images)
     boxes = None if adaptive else num_boxes
     chunks = [
         _Chunk(
@@ -679,6 +691,7 @@ def generate(
             boxes,
             images and (train_pictures or split != "train2014"),
             captions_per_image,
+            captioned[split],
             detector,
             families,
         )  # fmt: skip
@@ -692,6 +705,7 @@ def generate(
         "feature_dim": feature_dim,
         "boxes": "adaptive" if adaptive else num_boxes,
         "captions_per_image": captions_per_image,
+        "captioned_train_images": captioned["train2014"],
         "families": list(families),
         "pictures": ("all" if train_pictures else "val+test") if images else "none",
     }
@@ -705,6 +719,7 @@ def generate(
             "feature_dim": 0,  # the backbone's, set below
             "boxes": grid * grid,
             "captions_per_image": captions_per_image,
+            "captioned_train_images": captioned["train2014"],
             "families": list(families),
         }
     summary = {"version": VERSION, "options": options, "splits": {}}
@@ -723,7 +738,7 @@ def generate(
             )
             options["feature_dim"] = dim or options["feature_dim"]
         _write_split(out, split, answered, questions, rnd_seed=f"ban-scenes/{seed}/{split}")
-        ids = "".join(f"{s.image_id}\n" for s in scenes)
+        ids = "".join(f"{s.image_id}\n" for s in scenes[: captioned[split]])
         (out / "flickr30k" / f"{flickr_split}.txt").write_text(ids, encoding="ascii")
         summary["splits"][split] = {
             "images": [s.to_json() for s in scenes],
@@ -893,7 +908,12 @@ def default_benchmark(cache_dir: str | Path | None = None, progress: bool = Fals
     def build(tmp: Path) -> None:
         if progress:
             print(f"generating the built-in benchmark ({VERSION}) once into {target}", flush=True)
-        generate(tmp, train_pictures=False, progress=progress)
+        generate(
+            tmp,
+            train_pictures=False,
+            captioned_train_images=FLICKR_TRAIN_IMAGES,
+            progress=progress,
+        )
 
     raw = _build_once(target, build)
     _check_default(raw)
@@ -906,6 +926,7 @@ def _check_default(raw: Path) -> None:
         "feature_dim": DEFAULT_FEATURE_DIM,
         "boxes": DEFAULT_NUM_BOXES,
         "captions_per_image": CAPTIONS_PER_IMAGE,
+        "captioned_train_images": FLICKR_TRAIN_IMAGES,
         "families": list(DEFAULT_FAMILIES),
         "pictures": "val+test",
     }
