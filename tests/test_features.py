@@ -302,3 +302,83 @@ def test_partial_file_locked_by_another_process_is_left_alone(tmp_path, monkeypa
     with pytest.raises(ValueError, match=r"f\.h5\.partial: another process is writing this file"):
         convert_features(tmp_path / "a.tsv", tmp_path / "f.h5", progress=False)
     assert partial_path(tmp_path / "f.h5").exists()  # not deleted under the other process
+
+
+def _h5_source(tmp_path, regions, name="src.h5"):
+    """An HDF5 feature file of ban's layout (what `ban features extract` writes), via a TSV."""
+    write_tsv(tmp_path / f"{name}.tsv", regions)
+    convert_features(tmp_path / f"{name}.tsv", tmp_path / name, progress=False)
+    (tmp_path / f"{name}.tsv").unlink()
+    return tmp_path / name
+
+
+def test_an_hdf5_feature_file_converts_like_its_tsv(tmp_path):
+    # from-images hands its extraction to `prepare` as RAW/features/*.h5, not as a TSV copy
+    from ban.data.features import convert_features_many
+
+    regions = make_regions(ids=tuple(range(1, 9)), boxes=(3, 5) * 4)
+    write_tsv(tmp_path / "a.tsv", regions[:4])
+    source = _h5_source(tmp_path, regions[4:])
+    outputs = {"odd.h5": range(1, 9, 2), "all.h5": None}
+    from_h5 = convert_features_many(
+        [tmp_path / "a.tsv", source], {tmp_path / k: v for k, v in outputs.items()}, progress=False
+    )
+    write_tsv(tmp_path / "b.tsv", regions[4:])
+    from_tsv = convert_features_many(
+        [tmp_path / "a.tsv", tmp_path / "b.tsv"],
+        {tmp_path / "ref" / k: v for k, v in outputs.items()},
+        progress=False,
+    )
+    assert {k.name: v for k, v in from_h5.items()} == {k.name: v for k, v in from_tsv.items()}
+    for name in outputs:
+        with h5py.File(tmp_path / name) as a, h5py.File(tmp_path / "ref" / name) as b:
+            for key in ("image_features", "image_bb", "spatial_features", "pos_boxes"):
+                np.testing.assert_array_equal(a[key][()], b[key][()])
+            np.testing.assert_array_equal(a["image_ids"][()], b["image_ids"][()])
+
+
+def test_an_interrupted_conversion_of_an_hdf5_file_resumes(tmp_path, monkeypatch):
+    import ban.data.features as features
+    from ban.data.features import convert_features_many, partial_path
+
+    regions = make_regions(ids=tuple(range(1, 21)), boxes=(3, 5) * 10)
+    source = _h5_source(tmp_path, regions)
+    reference = convert_features(source, tmp_path / "ref.h5", progress=False)
+    read, crash = features._read_h5_from, {"after": 11}
+    seen = []
+
+    def reading(path, index, first_image, bar):
+        for region, position in read(path, index, first_image, bar):
+            if len(seen) == crash["after"]:
+                raise KeyboardInterrupt("injected")
+            seen.append(region.image_id)
+            yield region, position
+
+    monkeypatch.setattr(features, "_read_h5_from", reading)
+    with pytest.raises(KeyboardInterrupt):
+        convert_features_many(
+            [source], {tmp_path / "f.h5": None}, progress=False, checkpoint_every=4
+        )
+    assert partial_path(tmp_path / "f.h5").exists() and not (tmp_path / "f.h5").exists()
+    seen.clear()
+    crash["after"] = None
+    info = convert_features(source, tmp_path / "f.h5", progress=False)
+    assert seen == list(range(9, 21))  # images 1-8 were checkpointed: not read again
+    assert info == reference
+    with h5py.File(tmp_path / "f.h5") as a, h5py.File(tmp_path / "ref.h5") as b:
+        np.testing.assert_array_equal(a["image_features"][()], b["image_features"][()])
+
+
+def test_a_bad_hdf5_feature_file_is_named(tmp_path):
+    source = _h5_source(tmp_path, make_regions())
+    with h5py.File(source, "a") as f:
+        f["image_features"][9, 3] = np.nan  # image 2 (id 13) holds rows 8-12
+    with pytest.raises(
+        ValueError, match=r"src\.h5: image 2 \(image_id 13\): features hold non-fin"
+    ):
+        convert_features(source, tmp_path / "f.h5", progress=False)
+    assert not (tmp_path / "f.h5").exists()
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["image_ids"] = np.arange(3)
+    with pytest.raises(ValueError, match=r"other\.h5: not a feature file of ban's HDF5 layout"):
+        convert_features(tmp_path / "other.h5", tmp_path / "g.h5", progress=False)

@@ -346,3 +346,28 @@ def test_from_images_keeps_the_extraction_when_a_later_step_fails(pictures, tmp_
     assert again.seen == 0  # the 3 pictures were not featurised again
     assert FeatureStore(tmp_path / "d" / "features" / "train2014.h5")[2][0].shape == (16, 8)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".d.")] == []
+
+
+def test_from_images_prepares_from_its_extraction_without_a_tsv_copy(
+    pictures, tmp_path, monkeypatch
+):
+    # the features are written twice (the extraction, the prepared files), not three times
+    import ban.data.from_images as module
+
+    q, a = _vqa_json(tmp_path, [1, 2, 3])
+    seen, prepare = {}, module.prepare
+
+    def prepare_and_look(raw, out, **options):
+        seen["features"] = sorted(p.name for p in (raw / "features").iterdir())
+        store = FeatureStore(raw / "features" / "images.h5")
+        seen["extraction"] = {i: store[i][0] for i in (1, 2, 3)}
+        seen["copies"] = [str(p) for p in (raw / "features").iterdir() if not p.is_symlink()]
+        return prepare(raw, out, **options)
+
+    monkeypatch.setattr(module, "prepare", prepare_and_look)
+    module.from_images(pictures, q, tmp_path / "d", a, backbone=_Counting(), size=64, grid=4,
+                       progress=False)  # fmt: skip
+    assert seen["features"] == ["images.h5"] and seen["copies"] == []
+    prepared = FeatureStore(tmp_path / "d" / "features" / "train2014.h5")
+    for image_id in (1, 2, 3):
+        np.testing.assert_array_equal(prepared[image_id][0], seen["extraction"][image_id])

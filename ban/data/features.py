@@ -376,7 +376,9 @@ def convert_features_many(
     checkpoint_every: int = 2000,
     checkpoint_seconds: float = 30.0,
 ) -> dict[Path, dict]:
-    """One pass over the TSV files routing each image to the output(s) that want its id.
+    """One pass over the TSV files routing each image to the output(s) that want its id. A path
+    ending in ``.h5`` is read as an HDF5 feature file of this module's layout instead (what
+    ``ban features extract`` writes), with the same checks.
 
     ``outputs`` maps an HDF5 path to the set of image ids it should hold (``None``: every image).
     Each file is written to ``PATH.partial`` beside it and renamed at the end, so a file under
@@ -420,7 +422,8 @@ def convert_features_many(
             if writer.dim is not None:
                 dim = writer.dim
         start = min(starts.values())
-        bar.update(sum(sizes[: start[0]]) + start[1])
+        resumed_h5 = start[0] < len(tsv_paths) and is_h5_source(tsv_paths[start[0]])
+        bar.update(sum(sizes[: start[0]]) + (0 if resumed_h5 else start[1]))  # HDF5: its reader
         if start > (0, 0, 0):
             bar.write(f"resuming from {tsv_paths[start[0]]} line {start[2] + 1}")
         rows, next_checkpoint = 0, time.monotonic() + checkpoint_seconds
@@ -472,14 +475,58 @@ def convert_features_many(
     }
 
 
+def raw_feature_files(raw_dir: Path) -> list[Path]:
+    """A RAW folder's region features: ``RAW/features/*.tsv*`` (bottom-up TSV, also the
+    release's ``*.tsv.0``, ``*.tsv.1`` parts) and ``RAW/features/*.h5`` (this module's HDF5
+    layout, as ``ban features extract`` writes)."""
+    folder = raw_dir / "features"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in [*folder.glob("*.tsv*"), *folder.glob("*.h5")] if p.is_file())
+
+
+def is_h5_source(path: Path) -> bool:
+    """Whether a feature source is an HDF5 file of this module's layout (else a TSV file)."""
+    return path.suffix == ".h5"
+
+
+def _read_h5_from(
+    path: Path, index: int, first_image: int, bar: tqdm
+) -> Iterator[tuple[Region, tuple[int, int, int]]]:
+    """The images of an HDF5 feature file from image ``first_image`` on, as TSV rows, each with
+    the position just after it: ``(index, images read, images read)``."""
+    with h5py.File(path, "r") as f:
+        fields = ("image_ids", "image_size", "pos_boxes", "image_bb", "image_features")
+        missing = [k for k in fields if k not in f]
+        if missing:
+            raise ValueError(f"{path}: not a feature file of ban's HDF5 layout (no {missing[0]})")
+        ids, sizes, pos = f["image_ids"][()], f["image_size"][()], f["pos_boxes"][()]
+        per_image = path.stat().st_size // max(len(ids), 1)  # for the progress bar, in bytes
+        bar.update(first_image * per_image)
+        for i in range(first_image, len(ids)):
+            start, end = (int(x) for x in pos[i])
+            where = f"{path}: image {i} (image_id {int(ids[i])})"
+            features = f["image_features"][start:end].astype(np.float32)
+            boxes = f["image_bb"][start:end].astype(np.float32)
+            check_finite(boxes, where, "boxes")
+            check_finite(features, where)
+            bar.update(per_image)
+            region = Region(int(ids[i]), float(sizes[i][0]), float(sizes[i][1]), boxes, features)
+            yield region, (index, i + 1, i + 1)
+
+
 def _read_from(
     paths: list[Path], start: tuple[int, int, int], bar: tqdm
 ) -> Iterator[tuple[Region, tuple[int, int, int]]]:
-    """Rows of the TSV files from ``start = (file index, byte offset, line number)`` on, each with
-    the position just after it."""
+    """Rows of the feature files from ``start`` on, each with the position just after it: for a
+    TSV file ``(file index, byte offset, line number)``, for an HDF5 file ``(file index, images
+    read, images read)``."""
     first, offset, line_no = start
     for index in range(first, len(paths)):
         path = paths[index]
+        if is_h5_source(path):
+            yield from _read_h5_from(path, index, offset if index == first else 0, bar)
+            continue
         with open(path, "rb") as f:
             if index == first:
                 f.seek(offset)

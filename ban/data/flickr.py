@@ -6,6 +6,7 @@ RAW layout (the official release; the built-in benchmark writes the same files):
     RAW/flickr30k/Annotations/<image_id>.xml  PASCAL-VOC-like boxes, 1-based inclusive pixels
     RAW/flickr30k/{train,val,test}.txt        image ids of each split
     RAW/features/*.tsv                        bottom-up-attention features of those images
+                                              (or *.h5, ban's HDF5 layout)
 
 A phrase is *evaluated* iff its chain id has at least one `<bndbox>` in its image's XML (notvisual
 id 0, `scene=1` and `nobndbox=1` chains are out; scene-*type* phrases with boxes are in). One sample
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ban.data.features import convert_features_many
+from ban.data.features import convert_features_many, raw_feature_files
 from ban.files import atomic_write, atomic_write_text
 from ban.text import Dictionary, read_glove, tokenize
 
@@ -287,16 +288,17 @@ def prepare_flickr(
 ) -> Path:
     """RAW (module docstring) -> a prepared grounding directory. The dictionary covers every
     caption of every split, as the release's does (a test vocabulary); features come from
-    RAW/features/*.tsv through the HDF5 converter. `max_images`: only the first N images of
-    each split's list (the built-in benchmark grounds on its first 4,000 training scenes)."""
+    RAW/features/*.tsv (or *.h5) through the HDF5 converter. `max_images`: only the first N
+    images of each split's list (the built-in benchmark grounds on its first 4,000 training
+    scenes)."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     flickr_dir = raw_dir / "flickr30k"
     for split in splits:
         if not (flickr_dir / f"{split}.txt").is_file():
             raise FileNotFoundError(f"{flickr_dir / f'{split}.txt'}: split file missing")
-    tsvs = sorted((raw_dir / "features").glob("*.tsv"))
+    tsvs = raw_feature_files(raw_dir)
     if not tsvs:
-        raise FileNotFoundError(f"{raw_dir / 'features'}: no bottom-up TSV feature files")
+        raise FileNotFoundError(f"{raw_dir / 'features'}: no bottom-up TSV (or HDF5) feature files")
     (out_dir / "features").mkdir(parents=True, exist_ok=True)
     split_ids = {s: read_split(flickr_dir / f"{s}.txt")[:max_images] for s in splits}
     texts: list[str] = []

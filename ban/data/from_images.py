@@ -1,9 +1,11 @@
 """``from_images``: a folder of pictures + VQA-v2-style questions/annotations -> a prepared data
 directory (the layout of :mod:`ban.data.prepare`), featurised with :mod:`ban.data.images`.
 
-The pictures are featurised, written as a bottom-up TSV file into a temporary raw folder beside
-the question files, and that folder goes through :func:`ban.data.prepare.prepare` unchanged: the
-same checks, dictionary, answer vocabulary, answer scores, jsonl and manifest as for VQA v2.
+The pictures are featurised into an HDF5 feature file, which a temporary raw folder links (as
+``RAW/features/images.h5``) beside the question files, and that folder goes through
+:func:`ban.data.prepare.prepare` unchanged: the same checks, dictionary, answer vocabulary, answer
+scores, jsonl and manifest as for VQA v2. The features are written twice (the extraction and the
+prepared split files), not three times as with a TSV in between.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from pathlib import Path
 
 import h5py
 
-from ban.data.features import Region, write_tsv
 from ban.data.images import DEFAULT_BACKBONE, extract_features, extractor_info, list_images
 from ban.data.prepare import (
     ANNOTATED,
@@ -37,17 +38,6 @@ def _link(source: Path, target: Path) -> None:
         os.symlink(source.resolve(), target)
     except OSError:  # file systems without symbolic links
         shutil.copyfile(source, target)
-
-
-def _stored_regions(h5_path: Path):
-    """The images of an HDF5 feature file as :class:`Region` rows, one at a time."""
-    with h5py.File(h5_path, "r") as f:
-        ids, sizes, pos = f["image_ids"][()], f["image_size"][()], f["pos_boxes"][()]
-        for image_id, (width, height), (start, end) in zip(ids, sizes, pos, strict=True):
-            features = f["image_features"][start:end].astype("float32")
-            yield Region(
-                int(image_id), float(width), float(height), f["image_bb"][start:end], features
-            )
 
 
 def _write_splits(
@@ -171,7 +161,7 @@ def from_images(
                 "replace them, or pass --allow-missing-images to drop their questions"
             )
         extractor = extractor_info(features_h5)
-        write_tsv(raw / "features" / "images.tsv", _stored_regions(features_h5))
+        _link(features_h5, raw / "features" / "images.h5")
         splits = _write_splits(raw, split, val_fraction, questions, annotations, question_list)
         with warnings.catch_warnings():
             if allow_missing_images:

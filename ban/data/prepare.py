@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ban.data.features import FeatureStore, convert_features_many
+from ban.data.features import FeatureStore, convert_features_many, raw_feature_files
 from ban.data.visual_genome import coco_ids, load_vg_questions, vg_entries
 from ban.data.vqa import (
     VQADataset,
@@ -96,11 +96,6 @@ def question_file(raw_dir: Path, split: str) -> Path:
 
 def annotation_file(raw_dir: Path, split: str) -> Path:
     return raw_dir / f"v2_mscoco_{split}_annotations.json"
-
-
-def _feature_files(raw_dir: Path) -> list[Path]:
-    folder = raw_dir / "features"
-    return sorted(p for p in folder.glob("*.tsv*") if p.is_file()) if folder.is_dir() else []
 
 
 def caption_files(raw_dir: str | Path) -> list[Path]:
@@ -178,9 +173,9 @@ def find_raw_files(
     else:
         found["captions"] = [Path(p) for p in captions]
         missing += [(str(p), SOURCES["captions"]) for p in found["captions"] if not p.is_file()]
-    found["features"] = _feature_files(raw_dir)
+    found["features"] = raw_feature_files(raw_dir)
     if not found["features"]:
-        missing.append((str(raw_dir / "features" / "*.tsv"), SOURCES["features"]))
+        missing.append((str(raw_dir / "features" / "*.tsv (or *.h5)"), SOURCES["features"]))
     if glove is not None:
         found["glove"] = Path(glove)
         if not found["glove"].is_file():
