@@ -386,7 +386,7 @@ def step_train_evaluate(root: Path, prepared: dict[float, Path], rows: list[dict
     run_dir = root / "run"
     m = run(
         ban(
-            "train", "--data", data, "--preset", "ban-8-vqa", "--max-steps", args.train_steps,
+            "train", "--data", data, "--model", "ban-8-vqa", "--max-steps", args.train_steps,
             "--batch-size", 256, "--eval-split", "none", "--out", run_dir, "--quiet",
             "--set", "log_every=1", "--num-workers", 2,
         ),
