@@ -425,7 +425,8 @@ def convert_features_many(
         resumed_h5 = start[0] < len(tsv_paths) and is_h5_source(tsv_paths[start[0]])
         bar.update(sum(sizes[: start[0]]) + (0 if resumed_h5 else start[1]))  # HDF5: its reader
         if start > (0, 0, 0):
-            bar.write(f"resuming from {tsv_paths[start[0]]} line {start[2] + 1}")
+            unit = "image" if resumed_h5 else "line"
+            bar.write(f"resuming from {tsv_paths[start[0]]} {unit} {start[2] + 1}")
         rows, next_checkpoint = 0, time.monotonic() + checkpoint_seconds
         for region, position in _read_from(tsv_paths, start, bar):
             rows += 1

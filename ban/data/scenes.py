@@ -548,7 +548,7 @@ class _Chunk:
     num_boxes: int | None  # None: adaptive
     images: bool
     captions_per_image: int
-    captioned: int  # images start..captioned-1 of the split get captions (Flickr30k files)
+    captioned: int  # the split's images 0..captioned-1 get captions (Flickr30k files)
     detector: bool = True  # False: no simulated features (the backbone writes them afterwards)
     families: tuple[str, ...] = DEFAULT_FAMILIES  # the question families asked
 
