@@ -128,15 +128,19 @@ def test_a_nan_input_gives_nan_not_an_error():
     assert y[1].isnan() and torch.allclose(y[[0, 2, 3]], torch.tensor([0.3, 1.0, 0.0]))
 
 
-def test_counter_on_cpu_equals_the_dense_counter():
-    import ban.counting as counting
-
-    torch.manual_seed(1)
-    counter = Counter()
+def _counter_with_random_maps(dtype=torch.float32) -> Counter:
+    """A counter whose piecewise-linear maps are away from the identity (from torch's RNG)."""
+    counter = Counter().to(dtype)
     with torch.no_grad():
         for f in counter.f:
-            f.weight.copy_(torch.rand(17) + 0.1)
+            f.weight.copy_(torch.rand(17, dtype=dtype) + 0.1)
             f.weight[0] = 0
+    return counter
+
+
+def test_counter_on_cpu_equals_the_dense_counter():
+    torch.manual_seed(1)
+    counter = _counter_with_random_maps()
     boxes = torch.rand(4, 4, 36)
     boxes[:, 2:] += boxes[:, :2]
     attention = torch.randn(4, 36, requires_grad=True)
@@ -171,11 +175,7 @@ def test_counter_equals_the_release_counter_in_value_and_gradient():
     from tests.release_reference import _counter
 
     torch.manual_seed(2)
-    counter = Counter().double()
-    with torch.no_grad():
-        for f in counter.f:
-            f.weight.copy_(torch.rand(17, dtype=torch.float64) + 0.1)
-            f.weight[0] = 0
+    counter = _counter_with_random_maps(torch.float64)
     state = {f"module.counter.f.{i}.weight": f.weight for i, f in enumerate(counter.f)}
     boxes = torch.rand(6, 4, 36, dtype=torch.float64) * 0.6
     boxes[:, 2:] += boxes[:, :2] * 0.5 + 0.05  # overlapping boxes of various sizes
@@ -199,11 +199,7 @@ def test_the_benchmarks_previous_counter_forms_compute_the_same():
 
     changes = benchmark_scripts.load("cpu_changes")
     torch.manual_seed(3)
-    counter = Counter()
-    with torch.no_grad():
-        for f in counter.f:
-            f.weight.copy_(torch.rand(17) + 0.1)
-            f.weight[0] = 0
+    counter = _counter_with_random_maps()
     boxes = torch.rand(8, 4, 36) * 0.6
     boxes[:, 2:] += boxes[:, :2] * 0.5 + 0.05
     attention = torch.randn(8, 36) * 2
