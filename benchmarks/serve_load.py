@@ -2,6 +2,7 @@
 
     python benchmarks/serve_load.py RUN_DIR [--data DATA] [--requests 2000] [--concurrency 1,4,16]
     python benchmarks/serve_load.py --paper             # BAN-8 at the paper's size, random weights
+    python benchmarks/serve_load.py --paper --device cuda --requests 400,2000,4000   # on a GPU
 
 Serves the model in this process (127.0.0.1, a free port) twice over, one question per forward
 pass (a batch bound of 1, as before batching) and batched (`Batcher`: what queued while the model
@@ -67,6 +68,14 @@ def machine() -> str:
     return f"{model}{extra}, {os.cpu_count()} CPUs, load average {load}"
 
 
+def device_name(device: str) -> str:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return f"device {torch.cuda.get_device_name(torch.device(device))}"
+    return f"device {device}"
+
+
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -110,7 +119,7 @@ def load(host: str, port: int, bodies: list[bytes], requests: int, concurrency: 
     return [x for lat, _ in results for x in lat], sum(e for _, e in results), elapsed
 
 
-def paper_app(root: Path, images: int):
+def paper_app(root: Path, images: int, device: str, precision: str):
     """A random-weight BAN-8 of the paper's size over `images` images of 36 x 2048 features, made
     on the app's model thread as `serve.load_app` does."""
     import numpy as np
@@ -134,11 +143,11 @@ def paper_app(root: Path, images: int):
             out.write("\n")
     (root / "manifest.json").write_text("{}")
     batcher = serve.Batcher()
-    predictor = batcher.call(paper_predictor, root).result()
+    predictor = batcher.call(paper_predictor, root, device, precision).result()
     return serve.App(predictor, batcher=batcher)
 
 
-def paper_predictor(root: Path):
+def paper_predictor(root: Path, device: str, precision: str):
     import torch
 
     import ban
@@ -153,7 +162,7 @@ def paper_predictor(root: Path):
     model.answers = [f"a{i}" for i in range(config.num_answers)]
     Dictionary(model.vocabulary).save(root / "dictionary.json")
     (root / "answers.json").write_text(json.dumps(model.answers))
-    return Predictor(model, data=root)
+    return Predictor(model, data=root, device=device, precision=precision)
 
 
 def main() -> int:
@@ -170,15 +179,19 @@ def main() -> int:
     parser.add_argument("--modes", default="one-at-a-time,batched", help="servers to compare")
     parser.add_argument("--max-batch", type=int, default=serve.MAX_BATCH)
     parser.add_argument("--max-wait-ms", type=float, default=serve.MAX_WAIT * 1000)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or int8")
     args = parser.parse_args()
     if (args.checkpoint is None) == (not args.paper):
         parser.error("give a checkpoint or --paper")
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.paper:
-            app = paper_app(Path(tmp), args.images)
+            app = paper_app(Path(tmp), args.images, args.device, args.precision)
         else:
-            app = serve.load_app(args.checkpoint, args.data)
+            app = serve.load_app(
+                args.checkpoint, args.data, device=args.device, precision=args.precision
+            )
         # One app and one model thread for both (torch's thread pools belong to the thread that
         # calls it: a second model thread measured up to 4x slower or faster on a busy machine).
         bounds = {"one-at-a-time": (1, 0.0), "batched": (args.max_batch, args.max_wait_ms / 1e3)}
@@ -190,10 +203,10 @@ def main() -> int:
             for e in entries
         ]
         torch_threads = __import__("torch").get_num_threads()
-        print(f"machine: {machine()}; torch threads {torch_threads}")
+        print(f"machine: {machine()}; torch threads {torch_threads}; {device_name(args.device)}")
         name = "BAN-8 paper size, random weights" if args.paper else args.checkpoint
-        print(f"model: {name}; batched: at most {args.max_batch} per forward, "
-              f"wait {args.max_wait_ms:g} ms")  # fmt: skip
+        print(f"model: {name}, precision {app.predictor.precision}; batched: at most "
+              f"{args.max_batch} per forward, wait {args.max_wait_ms:g} ms")  # fmt: skip
         failed = 0
         context = multiprocessing.get_context("spawn")
         with context.Pool(1) as client:
