@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_changes.py [--rounds 4] [--steps 3] [--batch 32] [--preset ban-8-vqa]
     python benchmarks/cpu_changes.py --preset ban-small --batch 128 --steps 10   # the CPU default
+    python benchmarks/cpu_changes.py --preset ban-small --set glimpses=4 --set counter=true ...
     python benchmarks/cpu_changes.py --only "attention logits"
     python benchmarks/cpu_changes.py --loading DATA   # change 9: VQA batches of a prepared DATA
 
@@ -41,6 +42,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import yaml
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -204,13 +206,20 @@ def main(argv=None):
     parser.add_argument("--preset", default="ban-8-vqa", help="model preset (ban-8-vqa)")
     parser.add_argument("--only", nargs="+", choices=list(CHANGES), help="these changes alone")
     parser.add_argument("--loading", metavar="DATA", help="time change 9 on prepared DATA")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a model setting over the preset's: --set counter=true (the counter rows need it)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.loading:
         loading(args.loading, args.batch, args.rounds, max(args.steps, 10))
         return
     torch.manual_seed(0)
-    vocabulary = {"vocab_size": 20000} if args.preset == "ban-8-vqa" else {}
-    config = ban.preset(args.preset, **vocabulary)
+    overrides = {"vocab_size": 20000} if args.preset == "ban-8-vqa" else {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key.strip()] = yaml.safe_load(value)
+    config = ban.preset(args.preset, **overrides)
     model = ban.BAN(config)
     inputs = make_batch(config, args.batch, 36, torch.device("cpu"))
     train = train_step_fn(model, torch.optim.Adamax(model.parameters(), lr=1e-4), inputs, None)
@@ -221,6 +230,9 @@ def main(argv=None):
           f"{'infer before':>14}{'infer after':>13}{'x':>6}")  # fmt: skip
     for name, (owner, attribute, previous) in CHANGES.items():
         if args.only and name not in args.only:
+            continue
+        if owner in (counting, counting.Counter) and not config.counter:
+            print(f"{name:<18}skipped: the model has no counter (--set counter=true)")
             continue
         current = getattr(owner, attribute)
         seconds = {("train", False): [], ("train", True): [], ("infer", False): [],
