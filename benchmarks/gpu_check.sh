@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The performance issues' device check: one prepared run for a session that is lent a GPU.
 #
-#   OUT=some/dir bash benchmarks/gpu_check.sh           # both parts (~10 min: two device calls
-#   OUT=some/dir bash benchmarks/gpu_check.sh speed     #   fit better, one part each)
-#   OUT=some/dir bash benchmarks/gpu_check.sh serve
+#   OUT=some/dir bash benchmarks/gpu_check.sh speed     # one device call (the default part)
+#   OUT=some/dir bash benchmarks/gpu_check.sh serve     # a second call
+#   OUT=some/dir bash benchmarks/gpu_check.sh all       # both: over one call's 10 minutes
 #
 # speed: gpu.txt, step_overhead_gpu.txt, model_speed_gpu.txt (training and inference examples/s
 # at batch 256 in bf16, CUDA graphs and torch.compile). serve: serve_load_gpu.txt, `ban serve`
@@ -15,7 +15,7 @@
 # killed command printed stays.
 set -uo pipefail
 out="${OUT:-benchmarks/results}"
-part="${1:-all}"
+part="${1:-speed}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 - <<'PY' 2>&1 | tee "$out/gpu.txt"
