@@ -382,3 +382,10 @@ def test_a_bad_hdf5_feature_file_is_named(tmp_path):
         f["image_ids"] = np.arange(3)
     with pytest.raises(ValueError, match=r"other\.h5: not a feature file of ban's HDF5 layout"):
         convert_features(tmp_path / "other.h5", tmp_path / "g.h5", progress=False)
+    (tmp_path / "junk.h5").write_bytes(b"not HDF5 at all" * 8)
+    with pytest.raises(ValueError, match=r"junk\.h5: not an HDF5 file, or a damaged one"):
+        convert_features(tmp_path / "junk.h5", tmp_path / "h.h5", progress=False)
+    truncated = _h5_source(tmp_path, make_regions(), name="cut.h5")
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cut\.h5: a damaged HDF5 file, truncated"):
+        convert_features(truncated, tmp_path / "i.h5", progress=False)

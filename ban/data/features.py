@@ -491,12 +491,25 @@ def is_h5_source(path: Path) -> bool:
     return path.suffix == ".h5"
 
 
+def _damaged_h5_error(path: Path, error: OSError) -> ValueError:
+    """What h5py's ``OSError`` on reading ``path`` means, as a ``ValueError`` naming the file."""
+    if "truncated" in str(error):  # h5py: "truncated file: eof = ..., stored_eof = ..."
+        return ValueError(
+            f"{path}: a damaged HDF5 file, truncated ({error}); write or copy it again"
+        )
+    return ValueError(f"{path}: not an HDF5 file, or a damaged one ({error})")
+
+
 def _read_h5_from(
     path: Path, index: int, first_image: int, bar: tqdm
 ) -> Iterator[tuple[Region, tuple[int, int, int]]]:
     """The images of an HDF5 feature file from image ``first_image`` on, as TSV rows, each with
     the position just after it: ``(index, images read, images read)``."""
-    with h5py.File(path, "r") as f:
+    try:
+        file = h5py.File(path, "r")
+    except OSError as error:
+        raise _damaged_h5_error(path, error) from None
+    with file as f:
         fields = ("image_ids", "image_size", "pos_boxes", "image_bb", "image_features")
         missing = [k for k in fields if k not in f]
         if missing:
@@ -625,11 +638,7 @@ class FeatureStore:
                 self._pos = f["pos_boxes"][()]
                 self.dim = int(f["image_features"].shape[1])
         except OSError as error:
-            if "truncated" in str(error):  # h5py: "truncated file: eof = ..., stored_eof = ..."
-                raise ValueError(
-                    f"{self.path}: a damaged HDF5 file, truncated ({error}); write or copy it again"
-                ) from None
-            raise ValueError(f"{self.path}: not an HDF5 file, or a damaged one ({error})") from None
+            raise _damaged_h5_error(self.path, error) from None
         except KeyError as error:
             raise ValueError(
                 f"{self.path}: not a feature file of this project ({error}); "
