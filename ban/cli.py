@@ -149,11 +149,7 @@ def _run_train(args) -> int:
     flags = {k: v for k, v in flags.items() if v is not None}
     if args.eval_split is not None:  # after the filter: "none" sets None
         flags["eval_split"] = None if args.eval_split.lower() == "none" else args.eval_split
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        flags[key.strip()] = configs.parse_value(key.strip(), value)
+    flags.update(configs.parse_settings(args.set))
     if args.resume:
         if args.recipe or args.config or flags or args.out:
             raise ValueError("--resume takes the run's own config; drop the other settings")

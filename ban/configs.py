@@ -391,6 +391,17 @@ def save_yaml(config: TrainConfig, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items as a dict, each value read as YAML (`parse_value`)."""
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        settings[key.strip()] = parse_value(key.strip(), value)
+    return settings
+
+
 def parse_value(key: str, text: str) -> Any:
     """The value of `--set KEY=TEXT`, read as YAML (`10`, `1e-3`, `[10, 12]`, `null`)."""
     try:

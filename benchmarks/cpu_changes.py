@@ -42,14 +42,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import yaml
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from model_speed import infer_fn, make_batch, train_step_fn  # noqa: E402
 
 import ban  # noqa: E402
-from ban import counting, layers  # noqa: E402
+from ban import configs, counting, layers  # noqa: E402
 from ban.data import vqa as vqa_data  # noqa: E402
 from ban.model import BAN  # noqa: E402
 from ban.tasks import vqa  # noqa: E402
@@ -216,9 +215,7 @@ def main(argv=None):
         return
     torch.manual_seed(0)
     overrides = {"vocab_size": 20000} if args.preset == "ban-8-vqa" else {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key.strip()] = yaml.safe_load(value)
+    overrides.update(configs.parse_settings(args.set))
     config = ban.preset(args.preset, **overrides)
     model = ban.BAN(config)
     inputs = make_batch(config, args.batch, 36, torch.device("cpu"))

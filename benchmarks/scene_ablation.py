@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from ban import configs, engine, metrics
 from ban.data import scenes
@@ -179,10 +178,7 @@ def main() -> None:
         help="another training setting for every row, e.g. --set lr_decay_epochs=[8,10]",
     )  # fmt: skip
     args = parser.parse_args()
-    args.settings = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        args.settings[key.strip()] = yaml.safe_load(value)
+    args.settings = configs.parse_settings(args.set)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.report_only:
