@@ -263,10 +263,9 @@ RECIPES: dict[str, TrainConfig] = {
     # `--set train_splits=[train2014,val2014] --set eval_split=null` (base 7e-4 then).
     "vqa-paper": TrainConfig(model="ban-8-vqa", lr_decay_epochs=[10, 12, 14, 16, 18]),
     # The CPU default for the built-in benchmark (docs/benchmark.md, "The default `ban train`"):
-    # a small model, many scenes seen few times. The models stay at chance until they have seen
-    # about 100,000 questions (a plateau whose length varies with the seed), so the rate stays at
-    # its base until the last epoch, which decays it; a fourth epoch lets the seeds that leave
-    # the plateau late catch up. Adamax and clipping 0.25 as in the release.
+    # a small model (BAN-8, H 128), many scenes seen few times. The models start on a plateau at
+    # chance whose length varies with the seed, so the rate stays at its base for three epochs
+    # and the fourth decays it. Adamax and clipping 0.25 as in the release.
     "vqa-small": TrainConfig(
         model="ban-small",
         epochs=4,

@@ -48,6 +48,7 @@ ROWS: dict[str, tuple[str, dict]] = {
     "ban-4-concat": ("BAN-4, concat fusion", {"glimpses": 4, "counter": False, "fusion": "concat"}),
     "unitary-counter": ("unitary attention + counter", {"attention": "unitary", "counter": True}),
     "ban-4-counter": ("BAN-4 + counter", {"glimpses": 4, "counter": True}),
+    "ban-8-counter": ("BAN-8 + counter", {"glimpses": 8, "counter": True}),
     "ban-4-counter-dropout": (
         "BAN-4 + counter, the release's dropout",
         {"glimpses": 4, "counter": True, **RELEASE_DROPOUT},
