@@ -384,19 +384,19 @@ class Batcher:
         self._thread.join()
 
     def _run(self) -> None:
-        recent, stop, call = collections.deque([1], maxlen=self.RECENT), False, None
+        recent, stop, call = collections.deque(maxlen=self.RECENT), False, None
         while not stop:
             first, call, idle_from = call, None, time.monotonic()
             if first is None:
                 first = self._queue.get()
                 if time.monotonic() - idle_from > self.max_wait:  # quiet: nobody about to ask
-                    recent = collections.deque([1], maxlen=self.RECENT)
+                    recent.clear()
             if first is None:
                 return
             if isinstance(first[0], _Call):
                 self._settle(first[1], first[0].function, *first[0].args)
                 continue
-            batch, expected = [first], min(max(recent), self.max_batch)
+            batch, expected = [first], min(max(recent, default=1), self.max_batch)
             deadline = time.monotonic() + self.max_wait
             while len(batch) < self.max_batch:
                 try:

@@ -2,7 +2,7 @@
 
     python benchmarks/cpu_changes.py [--rounds 4] [--steps 3] [--batch 32] [--preset ban-8-vqa]
     python benchmarks/cpu_changes.py --preset ban-small --batch 128 --steps 10   # the CPU default
-    python benchmarks/cpu_changes.py --preset ban-small --set glimpses=8 --set counter=false
+    python benchmarks/cpu_changes.py --preset ban-small --set glimpses=4 --set counter=true ...
     python benchmarks/cpu_changes.py --only "attention logits"
     python benchmarks/cpu_changes.py --loading DATA   # change 9: VQA batches of a prepared DATA
 

@@ -97,6 +97,19 @@ def test_batcher_takes_what_queued_while_busy():
     batcher.close()
 
 
+def _gated_batcher(**kwargs):
+    """A batcher whose model notes each forward's size and answers once `gate` is set (it is)."""
+    gate, sizes = threading.Event(), []
+
+    def answer(items):
+        sizes.append(len(items))
+        gate.wait(10)
+        return items
+
+    gate.set()
+    return Batcher(answer, **kwargs), gate, sizes
+
+
 def _busy_then(batcher, gate, sizes, queued):
     """Hold the model busy with one question while `queued` arrive; release it; the futures."""
     gate.clear()
@@ -111,15 +124,7 @@ def _busy_then(batcher, gate, sizes, queued):
 
 
 def test_batcher_waits_for_as_many_as_lately():
-    gate, sizes = threading.Event(), []
-
-    def answer(items):
-        sizes.append(len(items))
-        gate.wait(10)
-        return items
-
-    batcher = Batcher(answer, max_batch=5, max_wait=2.0)
-    gate.set()
+    batcher, gate, sizes = _gated_batcher(max_batch=5, max_wait=2.0)
     start = time.perf_counter()
     assert batcher.submit("alone").result(10) == "alone"
     assert time.perf_counter() - start < 1.5  # a lone question after a quiet spell goes at once
@@ -147,15 +152,7 @@ def test_batcher_does_not_wait_for_clients_that_do_not_exist():
     # was: under load every forward waited max_wait for a full batch; with four clients and a
     # fast model it waited for twelve that never came (default size, concurrency 4: 284 against
     # 479 requests/s one at a time)
-    gate, sizes = threading.Event(), []
-
-    def answer(items):
-        sizes.append(len(items))
-        gate.wait(10)
-        return items
-
-    batcher = Batcher(answer, max_batch=16, max_wait=60.0)
-    gate.set()
+    batcher, gate, sizes = _gated_batcher(max_batch=16, max_wait=60.0)
     assert [f.result(10) for f in _busy_then(batcher, gate, sizes, [1, 2, 3, 4])] == [1, 2, 3, 4]
     for _ in range(3):  # four clients ask again and again: each forward takes the four
         futures = [batcher.submit(k) for k in (5, 6, 7, 8)]
