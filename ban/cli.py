@@ -483,6 +483,9 @@ def _add_serve(commands) -> None:
                    help="questions answered in one forward (1: one at a time)")  # fmt: skip
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="how long a forward may wait for more questions, under load")  # fmt: skip
+    p.add_argument("--image-cache-mb", type=float, default=256.0,
+                   help="MiB of the images' visual projections kept, so that further questions "
+                   "about an image cost less (0: none; ban.predict.IMAGE_CACHE_BYTES)")  # fmt: skip
     p.set_defaults(func=_run_serve)
 
 
@@ -498,10 +501,13 @@ def _run_serve(args) -> int:
         print(f"ban: error: cannot listen on {args.host}:{args.port}: {reason} (choose another "
               "with --port)", file=sys.stderr)  # fmt: skip
         return 2
-    if args.max_batch < 1 or args.max_wait_ms < 0:
-        raise ValueError("--max-batch must be at least 1 and --max-wait-ms at least 0")
+    if args.max_batch < 1 or args.max_wait_ms < 0 or not args.image_cache_mb >= 0:
+        raise ValueError(
+            "--max-batch must be at least 1, --max-wait-ms and --image-cache-mb at least 0"
+        )
     app = serve.load_app(args.checkpoint, args.data, args.images, _device(args),
-                         args.max_batch, args.max_wait_ms / 1000, args.precision)  # fmt: skip
+                         args.max_batch, args.max_wait_ms / 1000, args.precision,
+                         int(args.image_cache_mb * 2**20))  # fmt: skip
     server = serve.make_server(app, quiet=args.quiet, read_timeout=args.read_timeout, sock=sock)
     host, port = server.server_address[:2]
     print(f"serving {len(app.image_ids)} images on http://{host}:{port}/ (Ctrl-C stops)")

@@ -32,6 +32,11 @@ from ban.text import MAX_LENGTH, UNK, Dictionary, tokenize
 MAX_QUESTION = 300  # characters of a question (the model reads its first MAX_LENGTH words)
 
 
+# Bytes of visual projections a Predictor keeps (`ban.inference.ImageCache`): at the paper's size
+# about 2 MB an image in fp32 and int8 (36 boxes x (3840 + 8 x 1280)), so the last ~126 images.
+IMAGE_CACHE_BYTES = 256 * 2**20
+
+
 class QuestionError(ValueError):
     """A question refused by `check_question` (the API answers it with 400)."""
 
@@ -97,7 +102,10 @@ class Predictor:
     """A model plus the question dictionary and region features of one prepared directory.
 
     `precision` ('auto', 'fp32', 'bf16', 'int8') is the dtype the model's copy is kept and run
-    in (`ban.inference.inference_model`); `self.precision` is the one chosen.
+    in (`ban.inference.inference_model`); `self.precision` is the one chosen. The visual
+    projections of the images last asked about are kept, up to `image_cache_bytes`
+    (`ban.inference.ImageCache`; 0: none), so that a further question about an image costs a
+    fraction of the first (`self.model.image_cache`).
     """
 
     def __init__(
@@ -106,6 +114,7 @@ class Predictor:
         data: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
         precision: str = "auto",
+        image_cache_bytes: int = IMAGE_CACHE_BYTES,
     ) -> None:
         if data is None:
             raise ValueError(
@@ -113,7 +122,7 @@ class Predictor:
                 "Predictor.from_checkpoint finds a run's own)"
             )
         self.device = torch.device(device)
-        self.model = inference_model(model, precision, self.device)
+        self.model = inference_model(model, precision, self.device, image_cache_bytes)
         self.precision = self.model.precision
         self.data_dir = resolve_data(data)
         words = model.vocabulary
@@ -135,6 +144,7 @@ class Predictor:
             )
         self._stores = None
         self._pictures: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._next_picture = -1  # the id of the next picture added without one
         self._extractor = None
 
     @classmethod
@@ -146,12 +156,13 @@ class Predictor:
         dictionary: str | os.PathLike | None = None,
         label2ans: str | os.PathLike | None = None,
         precision: str = "auto",
+        image_cache_bytes: int = IMAGE_CACHE_BYTES,
     ) -> Predictor:
         """Load a run directory or a checkpoint in one (its best checkpoint, on the run's data
         unless `data` is given),
         this project's checkpoint, or one of the original release (through `ban.load_official`,
         with its `dictionary.pkl` / `trainval_label2ans.pkl` when given), for inference in
-        `precision` (`ban.inference`)."""
+        `precision` (`ban.inference`), keeping up to `image_cache_bytes` of visual projections."""
         checkpoint, run_config = resolve_checkpoint(path)
         if data is None and run_config is None:
             raise ValueError(
@@ -161,24 +172,34 @@ class Predictor:
         if data is None:  # the run's data; None there is the built-in benchmark
             data = resolve_data(run_config.data)
         model = load_any(checkpoint, device, dictionary=dictionary, label2ans=label2ans)
-        return cls(model, data=data, device=device, precision=precision)
+        return cls(model, data, device, precision, image_cache_bytes)
 
     def add_picture(self, picture, image_id: int | None = None) -> int:
         """Featurise a new picture (a path or a PIL image) as the data's features were made
         (`ban.data.images`; data of `ban data from-images`) and return the id to ask about
-        (default: -1, -2, ...)."""
+        (default: -1, -2, ..., never one in use or used before). A given id that is in use names
+        the new picture from then on."""
         if self._extractor is None:
             self._extractor = data_extractor(self.data_dir, self.device)
         region = self._extractor(picture)
         if image_id is None:
-            image_id = -1 - len(self._pictures)
+            while self._next_picture in self._pictures:  # given to an earlier picture
+                self._next_picture -= 1
+            image_id, self._next_picture = self._next_picture, self._next_picture - 1
         spatials = spatial_features(region.boxes, region.width, region.height)
         self._pictures[int(image_id)] = (region.features, spatials, region.boxes)
+        self._forget_projections(int(image_id))
         return int(image_id)
 
     def remove_picture(self, image_id: int) -> None:
         """Forget a picture given to `add_picture` (nothing happens for an unknown id)."""
-        self._pictures.pop(int(image_id), None)
+        if self._pictures.pop(int(image_id), None) is not None:
+            self._forget_projections(int(image_id))
+
+    def _forget_projections(self, image_id: int) -> None:
+        """The id names other features from now on: what the image cache keeps of it is stale."""
+        if self.model.image_cache is not None:
+            self.model.image_cache.forget(image_id)
 
     def region_features(self, image_id: int):
         """`(features [n, Dv], spatials [n, 6], pixel boxes [n, 4])` of an image of the data
@@ -215,7 +236,7 @@ class Predictor:
         v = torch.from_numpy(features).unsqueeze(0).to(self.device)
         b = torch.from_numpy(spatials).unsqueeze(0).to(self.device)
         q = torch.tensor([ids], dtype=torch.int64, device=self.device)
-        out = self.model(v, b, q)
+        out = self.model(v, b, q, image_keys=[int(image_id)])
         scores = torch.sigmoid(out.logits[0].float())
         values, indices = scores.topk(min(top_k, scores.numel()))
         answers = [
@@ -264,7 +285,7 @@ class Predictor:
             b[row, : len(spatials[row])] = spatials[row]
         v, b = v.to(self.device), b.to(self.device)
         q = torch.tensor(ids, dtype=torch.int64, device=self.device)
-        out = self.model(v, b, q)
+        out = self.model(v, b, q, image_keys=[int(i) for i in image_ids])
         scores = torch.sigmoid(out.logits.float())
         mass = out.attention.float().sum(dim=3)  # [B, G, N]: attention mass of each box
         predictions = []

@@ -62,7 +62,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ban.data.features import FeatureStore
 from ban.data.images import extractor_info
-from ban.predict import MAX_QUESTION, Predictor, QuestionError, check_question
+from ban.predict import (
+    IMAGE_CACHE_BYTES,
+    MAX_QUESTION,
+    Predictor,
+    QuestionError,
+    check_question,
+)
 from ban.viz import GLIMPSE_COLORS, ImageFolder
 
 MAX_BODY = 8 * 1024  # bytes of a request body (but an upload's)
@@ -890,14 +896,17 @@ def load_app(
     max_batch: int = MAX_BATCH,
     max_wait: float = MAX_WAIT,
     precision: str = "auto",
+    image_cache_bytes: int = IMAGE_CACHE_BYTES,
 ) -> App:
     """Load the model once, on the model thread: a checkpoint file or run directory, on the
-    run's data by default; `precision`: see `ban.inference`; `max_batch`, `max_wait`: see
-    `Batcher`."""
+    run's data by default; `precision`, `image_cache_bytes`: see `Predictor`; `max_batch`,
+    `max_wait`: see `Batcher`."""
     batcher = Batcher(max_batch=max_batch, max_wait=max_wait)
     try:
         predictor = batcher.call(
-            lambda: Predictor.from_checkpoint(checkpoint, data, device, precision=precision)
+            lambda: Predictor.from_checkpoint(
+                checkpoint, data, device, precision=precision, image_cache_bytes=image_cache_bytes
+            )
         ).result()
         return App(predictor, ImageFolder.for_data(predictor.data_dir, images), batcher=batcher)
     except BaseException:

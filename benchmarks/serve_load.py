@@ -3,16 +3,20 @@
     python benchmarks/serve_load.py RUN_DIR [--data DATA] [--requests 2000] [--concurrency 1,4,16]
     python benchmarks/serve_load.py --paper             # BAN-8 at the paper's size, random weights
     python benchmarks/serve_load.py --paper --device cuda --requests 400,2000,4000   # on a GPU
+    python benchmarks/serve_load.py --paper --modes batched,batched+cache   # the image cache
 
 Serves the model in this process (127.0.0.1, a free port) twice over, one question per forward
 pass (a batch bound of 1, as before batching) and batched (`Batcher`: what queued while the model
 was busy goes into its next forward), and sends POST /api/answer from `--concurrency` threads of
 a separate client process (so that the client does not share the server's interpreter lock),
 each on its own keep-alive connection, cycling over the split's questions; each level of a
-comma-separated `--concurrency` runs each server in turn. Before each run it sends a burst of bad
-requests (malformed and too-deep JSON, unknown image, path traversal, wrong method, oversized
-body, wrong Content-Type) and checks each gets its documented status, so the figures also show
-that the server serves after them. Prints the machine (CPU model, load average), the server
+comma-separated `--concurrency` runs each server in turn. The servers run without the image
+cache (`ban.inference.ImageCache`: every question pays for its image's visual projections, as
+with distinct images), and with it, emptied before the run, for the modes named `...+cache`
+(the questions cycle over the split's first images: after the first round, every image is
+kept). Before each run it sends a burst of bad requests (malformed and too-deep JSON, unknown
+image, path traversal, wrong method, oversized body, wrong Content-Type) and checks each gets
+its documented status, so the figures also show that the server serves after them. Prints the machine (CPU model, load average), the server
 process's CPU time and the mean questions per forward. Exits 1 if any request fails.
 
 `--paper` serves `ban.BAN(ban.preset("ban-8-vqa"))` with random weights over a temporary data
@@ -176,7 +180,8 @@ def main() -> int:
                         help="per run, or one per concurrency level: 400,1000,2000")  # fmt: skip
     parser.add_argument("--concurrency", default="16", help="e.g. 1,4,16")
     parser.add_argument("--bad", type=int, default=20, help="bursts of bad requests per level")
-    parser.add_argument("--modes", default="one-at-a-time,batched", help="servers to compare")
+    parser.add_argument("--modes", default="one-at-a-time,batched",
+                        help="servers: one-at-a-time, batched, either +cache")  # fmt: skip
     parser.add_argument("--max-batch", type=int, default=serve.MAX_BATCH)
     parser.add_argument("--max-wait-ms", type=float, default=serve.MAX_WAIT * 1000)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
@@ -196,6 +201,10 @@ def main() -> int:
         # calls it: a second model thread measured up to 4x slower or faster on a busy machine).
         bounds = {"one-at-a-time": (1, 0.0), "batched": (args.max_batch, args.max_wait_ms / 1e3)}
         modes = [m for m in args.modes.split(",") if m]
+        if unknown := [m for m in modes if m.removesuffix("+cache") not in bounds]:
+            parser.error(f"--modes: unknown {', '.join(unknown)}")
+        model = app.predictor.model
+        cache = model.image_cache
         split = Path(app.predictor.data_dir) / f"{args.split}.jsonl"
         entries = [json.loads(line) for line in split.read_text().splitlines()[:500]]
         bodies = [
@@ -218,31 +227,39 @@ def main() -> int:
             for concurrency, requests in zip(levels, counts, strict=True):
                 for mode in modes:
                     batcher = app.batcher
-                    batcher.max_batch, batcher.max_wait = bounds[mode]
+                    batcher.max_batch, batcher.max_wait = bounds[mode.removesuffix("+cache")]
+                    model.image_cache = cache if mode.endswith("+cache") else None
                     httpd = serve.make_server(app, "127.0.0.1", 0, quiet=True)
                     threading.Thread(target=httpd.serve_forever, daemon=True).start()
                     host, port = httpd.server_address[:2]
                     if concurrency == levels[0]:  # warm up: first forwards, caches
                         client.apply(load, (host, port, bodies, 2 * args.max_batch, 4))
                     wrong = client.apply(send_bad, (host, port, args.bad))
+                    if cache is not None:  # after the warm-up: the run starts with none kept
+                        cache.clear()
+                        hits, misses = cache.hits, cache.misses
                     cpu, batches, asked = cpu_seconds(), batcher.batches, batcher.questions
                     latencies, errors, elapsed = client.apply(
                         load, (host, port, bodies, requests, concurrency)
                     )
                     cpu = cpu_seconds() - cpu
                     per_batch = (batcher.questions - asked) / max(1, batcher.batches - batches)
+                    kept = ""
+                    if model.image_cache is not None:
+                        kept = (f"; image cache {cache.hits - hits} hits, {cache.misses - misses} "
+                                f"misses (images per forward)")  # fmt: skip
                     httpd.shutdown()
                     httpd.server_close()
                     latencies.sort()
                     p50 = statistics.median(latencies) * 1000
                     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000
                     print(
-                        f"{mode:>13} concurrency {concurrency:2d}: {len(latencies)} requests, "
+                        f"{mode:>19} concurrency {concurrency:2d}: {len(latencies)} requests, "
                         f"{len(latencies) / elapsed:6.1f} requests/s, p50 {p50:7.1f} ms, "
                         f"p99 {p99:7.1f} ms, {errors} errors, {per_batch:4.1f} questions per "
                         f"forward; after {args.bad * len(BAD)} bad requests ({wrong} not answered "
                         f"as documented); server CPU {cpu:.1f} s; load average "
-                        f"{os.getloadavg()[0]:.2f}",
+                        f"{os.getloadavg()[0]:.2f}{kept}",
                         flush=True,
                     )
                     failed += errors + wrong

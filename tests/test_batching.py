@@ -5,6 +5,7 @@ held back."""
 import json
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -17,6 +18,17 @@ from ban.serve import Batcher
 from ban.text import UNK, Dictionary
 
 BOX_COUNTS = {1: 10, 2: 17, 3: 36, 4: 23, 5: 12}  # image id -> boxes (the counter needs >= 10)
+
+
+def _model():
+    config = ban.preset("ban-8-vqa", vocab_size=12, embedding_dim=8, hidden=16, glimpses=3,
+                        num_answers=30, visual_dim=8)  # fmt: skip
+    torch.manual_seed(0)
+    model = ban.BAN(config).eval()
+    model.vocabulary = ["what", "is", "the", "color", "how", "many", "are", "there", "red",
+                        "cubes", "left", UNK]  # fmt: skip
+    model.answers = [f"answer{i}" for i in range(30)]
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +44,7 @@ def predictor(tmp_path_factory):
     write_tsv(root / "f.tsv", regions)
     (root / "features").mkdir()
     convert_features(root / "f.tsv", root / "features" / "val2014.h5", progress=False)
-    config = ban.preset("ban-8-vqa", vocab_size=12, embedding_dim=8, hidden=16, glimpses=3,
-                        num_answers=30, visual_dim=8)  # fmt: skip
-    torch.manual_seed(0)
-    model = ban.BAN(config).eval()
-    model.vocabulary = ["what", "is", "the", "color", "how", "many", "are", "there", "red",
-                        "cubes", "left", UNK]  # fmt: skip
-    model.answers = [f"answer{i}" for i in range(30)]
+    model = _model()
     (root / "manifest.json").write_text("{}")
     Dictionary(model.vocabulary).save(root / "dictionary.json")
     (root / "answers.json").write_text(json.dumps(model.answers))
@@ -72,6 +78,53 @@ def test_a_batch_answers_as_singles(predictor):
         predictor.answer_batch(["a", "b"], [1])
     with pytest.raises(KeyError, match="image 99"):
         predictor.answer_batch(["a"], [99])
+
+
+def _same(got, want):
+    assert [a for a, _ in got.answers] == [a for a, _ in want.answers]
+    assert np.allclose([s for _, s in got.answers], [s for _, s in want.answers], atol=1e-5)
+    assert [[b.index for b in g] for g in got.boxes] == [[b.index for b in w] for w in want.boxes]
+
+
+def test_the_image_cache_changes_no_answer(predictor, monkeypatch):
+    plain = Predictor(_model(), data=predictor.data_dir, image_cache_bytes=0)
+    assert plain.model.image_cache is None
+    cache = predictor.model.image_cache
+    assert cache is not None and cache.max_bytes == 256 * 2**20  # on by default
+    cache.clear()
+    hits, misses = cache.hits, cache.misses
+    asked = [("what is the color", 3), ("how many red cubes are there", 3), ("how many", 1),
+             ("is there a zebra", 3)]  # fmt: skip
+    for question, image_id in asked:
+        _same(predictor(question, image_id), plain(question, image_id))
+    assert (cache.hits - hits, cache.misses - misses, len(cache)) == (2, 2, 2)
+    batch = predictor.answer_batch([q for q, _ in asked], [i for _, i in asked])
+    for got, (question, image_id) in zip(batch, asked, strict=True):
+        _same(got, plain(question, image_id))
+    # an uploaded picture given the id of another: answered about the new one, not the kept one
+    rng = np.random.default_rng(1)
+
+    def region(boxes):
+        xy = rng.uniform(0, 300, (boxes, 2)).astype(np.float32)
+        return types.SimpleNamespace(features=rng.random((boxes, 8), dtype=np.float32),
+                                     boxes=np.concatenate([xy, xy + 50], axis=1),
+                                     width=400, height=400)  # fmt: skip
+
+    pictures = [region(12), region(12)]
+    for p in (predictor, plain):
+        monkeypatch.setattr(p, "_extractor", lambda picture: pictures[picture])
+    for picture in (0, 1):
+        assert predictor.add_picture(picture, image_id=-5) == plain.add_picture(picture, -5)
+        _same(predictor("how many", -5), plain("how many", -5))
+    predictor.remove_picture(-5)
+    assert all(key[0] != -5 for key in cache._entries)
+    # ids given by add_picture are never one in use or used before
+    ids = [predictor.add_picture(0), predictor.add_picture(1, image_id=-2)]
+    predictor.remove_picture(ids[0])
+    ids.append(predictor.add_picture(1))
+    assert ids == [-1, -2, -3]
+    for image_id in ids[1:]:
+        predictor.remove_picture(image_id)
 
 
 def test_batcher_takes_what_queued_while_busy():

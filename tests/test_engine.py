@@ -234,8 +234,12 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_data, tmp_path):
         weights(tmp_path / "a" / "last.safetensors"),
         weights(tmp_path / "b" / "last.safetensors"),
     )
+    # Equal up to the order of floating-point sums, which differs between CPUs' kernels: the
+    # glimpse biases' gradient sums over every logit, 1.7e-4 apart (relative) on an AVX2-only AMD
+    # EPYC (Zen 3), under 1e-4 on AVX-512 CPUs. Stepping each micro-batch instead of accumulating
+    # ends up to 17% apart there.
     for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-3, atol=1e-5, msg=key)
 
 
 def test_bf16_autocast_trains(tiny_data, tmp_path):

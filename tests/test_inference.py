@@ -94,6 +94,73 @@ def test_weights_are_kept_in_the_inference_dtype():
     assert next(model.parameters()).dtype == torch.float32  # the model is not converted
 
 
+def _rows_computed(fast) -> list[int]:
+    """Record the rows each call of the attention's visual layer computes."""
+    rows = []
+    layer = fast.model.attention.v_net.layer
+    layer.register_forward_pre_hook(lambda module, inputs: rows.append(inputs[0].shape[0]))
+    return rows
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_image_cache_answers_as_the_model_computing_each_image_once(precision):
+    model = _model()
+    v, b, q = _batch(model.config)
+    v[2] = v[0]  # rows 0 and 2 ask about the same image
+    fast = inference_model(model, precision, image_cache_bytes=2**30)
+    cache, rows = fast.image_cache, _rows_computed(fast)
+    assert cache is not None and cache.layers == 1 + model.config.glimpses
+    with torch.no_grad():
+        plain = fast(v, b, q)  # no keys: the model as it is, nothing kept
+        assert rows == [4] and len(cache) == 0
+        first = fast(v, b, q, image_keys=[10, 11, 10, 12])
+        assert rows == [4, 3] and len(cache) == 3 and (cache.hits, cache.misses) == (0, 3)
+        # all kept: other questions about them compute no visual projection
+        again = fast(v[[3, 1, 0]], b[[3, 1, 0]], q[[0, 1, 2]], image_keys=[12, 11, 10])
+        assert rows == [4, 3] and (cache.hits, cache.misses) == (3, 3)
+        mixed = fast(v[[1, 3]], b[[1, 3]], q[[1, 3]], image_keys=[11, 99])  # one new image
+        assert rows == [4, 3, 1] and len(cache) == 4
+    tolerance = {"fp32": 1e-5, "bf16": 0.05, "int8": 0.05}[precision] * plain.logits.abs().max()
+    for out, index in ((first, [0, 1, 2, 3]), (again, [3, 1, 0]), (mixed, [1, 3])):
+        reference = fast(v[index], b[index], q[[0, 1, 2]] if out is again else q[index])
+        assert (out.logits - reference.logits).abs().max() <= tolerance
+        assert (out.attention - reference.attention).abs().max() <= 0.05
+    if precision == "fp32":
+        torch.testing.assert_close(first.logits, plain.logits, rtol=0, atol=1e-5)
+    per_image = 12 * (3 * 64 + 3 * 64) * {"fp32": 4, "bf16": 2, "int8": 4}[precision]
+    assert cache.bytes == 4 * per_image  # rank-3 attention layer + 3 glimpses of H 64, 12 boxes
+
+
+def test_image_cache_keeps_the_most_recent_images_within_its_bytes():
+    model = _model()
+    v, b, q = _batch(model.config)
+    per_image = 12 * (3 * 64 + 3 * 64) * 4
+    fast = inference_model(model, "fp32", image_cache_bytes=2 * per_image)
+    cache, rows = fast.image_cache, _rows_computed(fast)
+    with torch.no_grad():
+        for key in (1, 2, 1, 3):  # image 1 asked again before image 3: image 2 is the oldest
+            fast(v[key : key + 1], b[:1], q[:1], image_keys=[key])
+        assert rows == [1, 1, 1] and len(cache) == 2 and cache.bytes == 2 * per_image
+        fast(v[2:3], b[:1], q[:1], image_keys=[2])  # dropped: computed again
+        assert rows == [1, 1, 1, 1]
+        # the same image padded to another box count is another entry, computed for it
+        padded = torch.cat([v[1:2], torch.zeros(1, 4, v.shape[2])], dim=1)
+        boxes = torch.cat([b[:1], torch.zeros(1, 4, b.shape[2])], dim=1)
+        out = fast(padded, boxes, q[:1], image_keys=[1])
+        assert rows[-1] == 1
+        torch.testing.assert_close(out.logits, fast(padded, boxes, q[:1]).logits, rtol=0, atol=1e-5)
+        cache.forget(1)
+        fast(padded, boxes, q[:1], image_keys=[1])
+        assert rows[-1] == 1 and len(rows) == 7
+        cache.clear()
+        assert len(cache) == 0 and cache.bytes == 0
+        with pytest.raises(ValueError, match="2 image keys for a batch of 1 rows"):
+            fast(v[:1], b[:1], q[:1], image_keys=[1, 2])
+    with pytest.raises(ValueError, match="max_bytes > 0"):
+        inference.ImageCache(0, layers=1)
+    assert inference_model(model, "fp32").image_cache is None  # off unless asked for
+
+
 def test_auto_chooses_by_cpu_flags_and_size(monkeypatch):
     big = inference.SMALL_MODEL_PARAMETERS
     assert choose_precision("cpu", {"avx2", "avx512f", "avx512_bf16"}, big) == "bf16"
