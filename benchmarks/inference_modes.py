@@ -9,7 +9,9 @@ and for each precision of `ban.inference.inference_model` (fp32 folded, bf16, in
 - at the paper's size (BAN-8, H 1280, 'c' embedding, 36 boxes x 2048-d, 14 tokens, counter on;
   random weights): batch-1 latency, median and p90 over `--calls` calls after warm-up, wall-clock
   and the process's CPU time per call, with 2 threads and with 1; throughput at batch 64 (2
-  threads); the largest |logit - fp32 logit| on those inputs;
+  threads); the largest |logit - fp32 logit| on those inputs; the latency at batch 1 and 16
+  when the images' visual projections are kept (`ban.inference.ImageCache`), against computing
+  them, and the largest |logit difference| between the two;
 - with `--torchao` (`pip install torchao`): torchao's int8 configurations at batch 1 against ours;
 - at the default size (`ban-small`, random weights): batch-1 latency (what `auto` decides by);
 - with `--checkpoint` (a trained default model): the official VQA accuracy on the built-in
@@ -147,6 +149,37 @@ def speed_table(name: str, model, args, lines: list[str], batch64: bool) -> None
         print(lines[-1], flush=True)
 
 
+def kept_image_table(name: str, model, args, lines: list[str]) -> None:
+    """Each precision with its image's visual projections kept (`ImageCache`), against computing
+    them: what a further question about an image costs."""
+    threads = args.threads[0]
+    torch.set_num_threads(threads)
+    lines.append(f"\n## {name}: an image asked about again (its projections kept), {threads} "
+                 f"threads ({load()})\n")  # fmt: skip
+    lines.append(
+        "| mode | batch | calls | median ms | ms/question | x computed | max abs logit diff |"
+    )
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for batch in (1, 16):
+        x = inputs(model.config, batch, seed=2)
+        keys = list(range(batch))
+        for mode in MODES[1:]:
+            fast = inference_model(model, mode, image_cache_bytes=2**30)
+            computed, _ = timings(lambda f=fast, x=x: f(*x), args.batch_calls, args.seconds)
+            with torch.no_grad():
+                fast(*x, image_keys=keys)  # computed once, then kept
+                diff = (fast(*x, image_keys=keys).logits - fast(*x).logits).abs().max()
+            kept, _ = timings(
+                lambda f=fast, x=x, k=keys: f(*x, image_keys=k), args.calls, args.seconds
+            )
+            median = statistics.median(kept)
+            lines.append(
+                f"| {mode} | {batch} | {len(kept)} | {median:.1f} | {median / batch:.2f} | "
+                f"{statistics.median(computed) / median:.2f} | {diff.item():.4f} |"
+            )
+            print(lines[-1], flush=True)
+
+
 def torchao_table(model, args, lines: list[str]) -> None:
     """torchao's int8 configurations (the successor torch.ao.quantization names), eager, against
     ours: batch-1 latency with one thread."""
@@ -273,12 +306,15 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     if not args.quick:
         speed_table("Paper size (BAN-8, H 1280, 36 x 2048, 14 tokens)", big, args, lines, True)
+        kept_image_table("Paper size", big, args, lines)
     if args.torchao:
         torchao_table(big, args, lines)
     del big
     torch.manual_seed(0)
     small = ban.BAN(ban.preset("ban-small")).eval()
     speed_table("Default size (ban-small, H 128)", small, args, lines, False)
+    if args.quick:  # a try of the kept-image table too
+        kept_image_table("Default size", small, args, lines)
     if args.checkpoint:
         accuracy_table(args.checkpoint, lines, args.threads[0])
     usage = resource.getrusage(resource.RUSAGE_SELF)

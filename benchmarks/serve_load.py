@@ -16,8 +16,9 @@ with distinct images), and with it, emptied before the run, for the modes named 
 (the questions cycle over the split's first images: after the first round, every image is
 kept). Before each run it sends a burst of bad requests (malformed and too-deep JSON, unknown
 image, path traversal, wrong method, oversized body, wrong Content-Type) and checks each gets
-its documented status, so the figures also show that the server serves after them. Prints the machine (CPU model, load average), the server
-process's CPU time and the mean questions per forward. Exits 1 if any request fails.
+its documented status, so the figures also show that the server serves after them. Prints the
+machine (CPU model, load average), the server process's CPU time, the mean questions per forward
+and the image cache's hits. Exits 1 if any request fails.
 
 `--paper` serves `ban.BAN(ban.preset("ban-8-vqa"))` with random weights over a temporary data
 directory of `--images` images of 36 x 2048 random features (speed only: the answers mean

@@ -261,8 +261,14 @@ def test_benchmark_script_writes_its_table(tmp_path):
     assert text.startswith("an earlier run\n")  # was: overwritten, the recorded runs lost
     assert "CPU: " in text and "auto picks " in text and "load average" in text
     rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ")]
-    modes = [row[0].strip() for row in rows if row[1].strip() == "1"]
-    assert modes == ["model", "fp32", "bf16", "int8"]  # the default size, one thread
-    for row in rows[-4:]:
+    rows = [row for row in rows if row[0].strip() not in ("mode", "---")]  # the values
+    speed, kept = rows[:4], rows[4:]
+    assert [row[0].strip() for row in speed] == ["model", "fp32", "bf16", "int8"]  # one thread
+    for row in speed:
         assert float(row[3]) > 0 and float(row[5]) > 0  # median ms, CPU ms
-    assert float(rows[-3][7]) == 0.0  # fp32 folded: the same logits as the model
+    assert float(speed[1][7]) == 0.0  # fp32 folded: the same logits as the model
+    # an image asked about again: each precision at batch 1 and 16, the same logits as computed
+    assert [(row[0].strip(), row[1].strip()) for row in kept] == [
+        (mode, batch) for batch in ("1", "16") for mode in ("fp32", "bf16", "int8")
+    ]
+    assert all(float(row[3]) > 0 and float(row[6]) == 0.0 for row in kept)
