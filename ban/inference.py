@@ -130,12 +130,12 @@ class ImageCache:
 
     BAN's visual layers, the attention's `v_net` (Eq. 4: ReLU(Y W_v)) and each glimpse's
     pooling `v_net` (Eq. 5: ReLU(Y U)), read only the region features Y. At the paper's size
-    they are 1.04 G of a question's 1.1 G multiply-adds, so a second question about an image
-    costs a fraction of the first. Kept per (image key, padded box count), each entry holding
-    every visual layer's output for that image; least recently used entries are dropped once
-    the outputs exceed `max_bytes` (checked after each forward, so a batch of new images may
-    exceed it while it runs). A key must always name the same features: `Predictor` uses image
-    ids and forgets an uploaded picture's when its id is given to another.
+    they are 1.04 G of a question's 1.44 G multiply-adds (`ban info`), so a second question
+    about an image costs a fraction of the first. Kept per (image key, padded box count), each
+    entry holding every visual layer's output for that image; least recently used entries are
+    dropped once the outputs exceed `max_bytes` (checked after each forward, so a batch of new
+    images may exceed it while it runs). A key must always name the same features: `Predictor`
+    uses image ids and forgets an uploaded picture's when its id is given to another.
     """
 
     def __init__(self, max_bytes: int, layers: int):
@@ -143,16 +143,23 @@ class ImageCache:
             raise ValueError(f"an image cache needs max_bytes > 0, got {max_bytes}")
         self.max_bytes, self.layers = max_bytes, layers
         self.bytes = 0
-        self.hits = self.misses = 0  # images (rows of a forward) found whole, or not
-        self.keys: list | None = None  # the current forward's image key per row
+        self.hits = self.misses = 0  # a keyed forward's images found whole (every layer), or not
+        self.lock = threading.Lock()  # held by `InferenceModel` through a keyed forward
+        self._current = threading.local()  # that forward's keys, seen by its thread only
         self._entries: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def keys(self) -> list | None:
+        """The (image key, boxes) of each row of this thread's keyed forward; None outside one
+        (a forward without keys, on any thread, runs the layers as they are)."""
+        return getattr(self._current, "keys", None)
+
     def begin(self, keys: list, boxes: int) -> None:
         """Start a forward whose rows are the images `keys`, padded to `boxes` boxes."""
-        self.keys = [(key, boxes) for key in keys]
+        self._current.keys = [(key, boxes) for key in keys]
         for key in dict.fromkeys(self.keys):
             entry = self._entries.get(key)
             complete = entry is not None and len(entry) == self.layers
@@ -163,7 +170,7 @@ class ImageCache:
 
     def end(self) -> None:
         """After a forward: forget its keys, then the least recently used past `max_bytes`."""
-        self.keys = None
+        self._current.keys = None
         while self.bytes > self.max_bytes and self._entries:
             _, entry = self._entries.popitem(last=False)
             self.bytes -= sum(_nbytes(t) for t in entry.values())
@@ -171,11 +178,12 @@ class ImageCache:
     def project(self, layer: nn.Module, name: str, v: torch.Tensor) -> torch.Tensor:
         """`layer(v)` for the current forward's rows, computing only the images not kept (once
         each, in one call) and keeping what it computes."""
+        keys = self.keys
         todo: dict[tuple, int] = {}  # image -> its first row, for images without this layer
-        for row, key in enumerate(self.keys):
+        for row, key in enumerate(keys):
             if name not in self._entries.get(key, {}):
                 todo.setdefault(key, row)
-        if len(todo) == len(self.keys):  # every row a different new image: one plain call
+        if len(todo) == len(keys):  # every row a different new image: one plain call
             out = layer(v)
         elif todo:
             out = layer(v.index_select(0, torch.tensor(list(todo.values()), device=v.device)))
@@ -183,19 +191,21 @@ class ImageCache:
             projected = projected.clone()  # its own storage: an entry's bytes are its own
             self._entries.setdefault(key, {})[name] = projected
             self.bytes += _nbytes(projected)
-        if len(todo) == len(self.keys):
+        if len(todo) == len(keys):
             return out
-        return torch.stack([self._entries[key][name] for key in self.keys])
+        return torch.stack([self._entries[key][name] for key in keys])
 
     def forget(self, key) -> None:
         """Drop what is kept of image `key` (at every box count)."""
-        for entry_key in [k for k in self._entries if k[0] == key]:
-            entry = self._entries.pop(entry_key)
-            self.bytes -= sum(_nbytes(t) for t in entry.values())
+        with self.lock:
+            for entry_key in [k for k in self._entries if k[0] == key]:
+                entry = self._entries.pop(entry_key)
+                self.bytes -= sum(_nbytes(t) for t in entry.values())
 
     def clear(self) -> None:
-        self._entries.clear()
-        self.bytes = 0
+        with self.lock:
+            self._entries.clear()
+            self.bytes = 0
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -241,7 +251,8 @@ class InferenceModel(nn.Module):
     `forward(*inputs, image_keys=[...])` names the image of each row (hashable keys, the same
     key always for the same features): with an image cache, the rows' visual projections are
     taken from it where kept, computed once per image otherwise. Without `image_keys`, or without
-    a cache, the model runs as it is. One keyed forward runs at a time (a lock).
+    a cache, the model runs as it is. One keyed forward runs at a time (the cache's lock);
+    forwards without keys, on other threads, run beside it as they are.
     """
 
     def __init__(
@@ -256,7 +267,6 @@ class InferenceModel(nn.Module):
         self.precision = precision
         self.dtype = dtype
         self.image_cache = image_cache
-        self._keyed = threading.Lock()
         self.config = model.config
         self.vocabulary = getattr(model, "vocabulary", None)
         self.answers = getattr(model, "answers", None)
@@ -277,7 +287,7 @@ class InferenceModel(nn.Module):
         v = args[0] if args else kwargs["v"]
         if len(image_keys) != v.shape[0]:
             raise ValueError(f"{len(image_keys)} image keys for a batch of {v.shape[0]} rows")
-        with self._keyed:
+        with self.image_cache.lock:
             self.image_cache.begin(list(image_keys), v.shape[1])
             try:
                 return _to_fp32(self.model(*args, **kwargs))

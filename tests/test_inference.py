@@ -2,6 +2,7 @@
 `--precision` on `ban predict` / `ban visualize`."""
 
 import json
+import threading
 
 import pytest
 import torch
@@ -156,6 +157,15 @@ def test_image_cache_keeps_the_most_recent_images_within_its_bytes():
         assert len(cache) == 0 and cache.bytes == 0
         with pytest.raises(ValueError, match="2 image keys for a batch of 1 rows"):
             fast(v[:1], b[:1], q[:1], image_keys=[1, 2])
+    # a keyed forward's keys are its thread's: a forward without keys elsewhere runs as it is
+    cache.begin([1], 12)
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(cache.keys))
+    thread.start()
+    thread.join()
+    assert seen == [None] and cache.keys == [(1, 12)]
+    cache.end()
+    assert cache.keys is None
     with pytest.raises(ValueError, match="max_bytes > 0"):
         inference.ImageCache(0, layers=1)
     assert inference_model(model, "fp32").image_cache is None  # off unless asked for
