@@ -238,21 +238,9 @@ class Predictor:
         q = torch.tensor([ids], dtype=torch.int64, device=self.device)
         out = self.model(v, b, q, image_keys=[int(image_id)])
         scores = torch.sigmoid(out.logits[0].float())
-        values, indices = scores.topk(min(top_k, scores.numel()))
-        answers = [
-            (self.answers[i], round(s, 6))
-            for i, s in zip(indices.tolist(), values.tolist(), strict=True)
-        ]
-        box_weights = out.attention[0].float().sum(dim=2)  # [G, N]: attention mass of each box
-        boxes = []
-        for weights in box_weights:
-            w, idx = weights.topk(min(top_boxes, weights.numel()))
-            boxes.append(
-                [
-                    AttendedBox(int(i), _round(pixel_boxes[i]), round(float(x), 6))
-                    for i, x in zip(idx.tolist(), w.tolist(), strict=True)
-                ]
-            )
+        mass = out.attention[0].float().sum(dim=2)  # [G, N]: attention mass of each box
+        answers = self._top_answers(scores, top_k)
+        boxes = _attended_boxes(mass, pixel_boxes, top_boxes)
         return Prediction(question, int(image_id), tokens, answers, boxes)
 
     @torch.no_grad()
@@ -295,26 +283,30 @@ class Predictor:
                 for i in ids[row]
                 if i != self.dictionary.padding_idx
             ]
-            values, indices = scores[row].topk(min(tops[row], scores.shape[1]))
-            answers = [
-                (self.answers[i], round(s, 6))
-                for i, s in zip(indices.tolist(), values.tolist(), strict=True)
-            ]
+            answers = self._top_answers(scores[row], tops[row])
             real = len(regions[row][0])  # the padded boxes carry no attention: left out
-            attended = []
-            for weights in mass[row, :, :real]:
-                w, idx = weights.topk(min(box_tops[row], real))
-                attended.append(
-                    [
-                        AttendedBox(int(i), _round(regions[row][2][i]), round(float(x), 6))
-                        for i, x in zip(idx.tolist(), w.tolist(), strict=True)
-                    ]
-                )
+            attended = _attended_boxes(mass[row, :, :real], regions[row][2], box_tops[row])
             predictions.append(
                 Prediction(questions[row], int(image_ids[row]), tokens, answers, attended)
             )
         return predictions
 
+    def _top_answers(self, scores: torch.Tensor, k: int) -> list[tuple[str, float]]:
+        values, indices = scores.topk(min(k, scores.numel()))
+        return [
+            (self.answers[i], round(s, 6))
+            for i, s in zip(indices.tolist(), values.tolist(), strict=True)
+        ]
 
-def _round(box: np.ndarray) -> list[float]:
-    return [round(float(x), 2) for x in box]
+
+def _attended_boxes(mass: torch.Tensor, pixel_boxes: np.ndarray, k: int) -> list[list]:
+    """The `k` boxes of most attention mass in each glimpse (`mass [G, N]`), best first. One
+    `topk` and one conversion for all glimpses: done per box and glimpse, this took about a
+    quarter of a batched server's model thread at the default size."""
+    weights, indices = mass.topk(min(k, mass.shape[1]), dim=1)
+    # np.round gives round(x, 2) here: a float32 times 100 is exact in float64
+    rounded = np.round(np.asarray(pixel_boxes, dtype=np.float32).astype(np.float64), 2).tolist()
+    return [
+        [AttendedBox(i, rounded[i], round(w, 6)) for i, w in zip(row, ws, strict=True)]
+        for row, ws in zip(indices.tolist(), weights.tolist(), strict=True)
+    ]
