@@ -80,6 +80,25 @@ def test_a_batch_answers_as_singles(predictor):
         predictor.answer_batch(["a"], [99])
 
 
+def test_attended_boxes_are_each_glimpses_heaviest_as_a_naive_loop_finds_them():
+    from ban.predict import _attended_boxes
+
+    rng = np.random.default_rng(3)
+    mass = torch.from_numpy(rng.random((8, 36), dtype=np.float32))
+    pixel_boxes = (rng.random((36, 4)) * 640).astype(np.float32)
+    pixel_boxes[0] = [0.125, 2.675, 1.005, 639.995]  # halfway cases for rounding
+    for k in (1, 3, 36, 50):
+        got = _attended_boxes(mass, pixel_boxes, k)
+        assert len(got) == 8
+        for glimpse, boxes in zip(mass.tolist(), got, strict=True):
+            order = sorted(range(36), key=lambda i: -glimpse[i])[: min(k, 36)]
+            assert [b.index for b in boxes] == order
+            assert [b.weight for b in boxes] == [round(glimpse[i], 6) for i in order]
+            assert [b.box for b in boxes] == [
+                [round(float(x), 2) for x in pixel_boxes[i]] for i in order
+            ]
+
+
 def _same(got, want):
     assert [a for a, _ in got.answers] == [a for a, _ in want.answers]
     assert np.allclose([s for _, s in got.answers], [s for _, s in want.answers], atol=1e-5)
