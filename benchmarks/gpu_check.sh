@@ -30,7 +30,8 @@ fi
 if [[ "$part" == all || "$part" == serve ]]; then
     if python3 -c "import fastapi, uvicorn, pydantic, PIL" 2>/dev/null; then
         timeout 300 python3 benchmarks/serve_load.py --paper --device cuda --concurrency 1,4,16 \
-            --requests 300,1000,2000 2>&1 | tee "$out/serve_load_gpu.txt"
+            --requests 300,1000,2000 --modes one-at-a-time,batched,batched+cache 2>&1 \
+            | tee "$out/serve_load_gpu.txt"
     else
         echo "serve: skipped, fastapi/uvicorn/pydantic/Pillow are not installed here" \
             | tee "$out/serve_load_gpu.txt"
