@@ -494,6 +494,10 @@ def _run_serve(args) -> int:
 
     if not args.read_timeout > 0:
         raise ValueError(f"--read-timeout: expected seconds above 0, got {args.read_timeout}")
+    if args.max_batch < 1 or not args.max_wait_ms >= 0 or not args.image_cache_mb >= 0:
+        raise ValueError(
+            "--max-batch must be at least 1, --max-wait-ms and --image-cache-mb at least 0"
+        )
     try:
         sock = serve.bind(args.host, args.port)  # before the model loads: fail fast
     except OSError as error:
@@ -501,10 +505,6 @@ def _run_serve(args) -> int:
         print(f"ban: error: cannot listen on {args.host}:{args.port}: {reason} (choose another "
               "with --port)", file=sys.stderr)  # fmt: skip
         return 2
-    if args.max_batch < 1 or args.max_wait_ms < 0 or not args.image_cache_mb >= 0:
-        raise ValueError(
-            "--max-batch must be at least 1, --max-wait-ms and --image-cache-mb at least 0"
-        )
     app = serve.load_app(args.checkpoint, args.data, args.images, _device(args),
                          args.max_batch, args.max_wait_ms / 1000, args.precision,
                          int(args.image_cache_mb * 2**20))  # fmt: skip

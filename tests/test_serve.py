@@ -238,6 +238,20 @@ def test_port_in_use_is_one_line(server, capsys):
     assert err.count("\n") == 1 and "port is in use" in err and "Traceback" not in err
 
 
+BAD_FLAGS = [["--max-batch", "0"], ["--max-wait-ms", "-1"], ["--image-cache-mb", "-1"],
+             ["--image-cache-mb", "nan"]]  # fmt: skip
+
+
+@pytest.mark.parametrize("flag", BAD_FLAGS)
+def test_serve_flags_out_of_range_are_one_line(server, capsys, flag):
+    from ban.cli import main
+
+    run = server[0].app.predictor.data_dir.parent / "run"
+    assert main(["serve", str(run), "--port", "0", *flag]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and flag[0] in err and "Traceback" not in err
+
+
 def test_concurrent_requests_are_queued(server):
     entry = first_question(server[1])
     payload = {"image_id": entry["image_id"], "question": entry["question"]}
