@@ -183,16 +183,17 @@ class ImageCache:
         for row, key in enumerate(keys):
             if name not in self._entries.get(key, {}):
                 todo.setdefault(key, row)
-        if len(todo) == len(keys):  # every row a different new image: one plain call
+        every_row = len(todo) == len(keys)  # every row a different new image: one plain call
+        if todo:
+            if not every_row:  # only the rows of images not kept, one row each
+                v = v.index_select(0, torch.tensor(list(todo.values()), device=v.device))
             out = layer(v)
-        elif todo:
-            out = layer(v.index_select(0, torch.tensor(list(todo.values()), device=v.device)))
-        for key, projected in zip(todo, out if todo else (), strict=True):
-            projected = projected.clone()  # its own storage: an entry's bytes are its own
-            self._entries.setdefault(key, {})[name] = projected
-            self.bytes += _nbytes(projected)
-        if len(todo) == len(keys):
-            return out
+            for key, projected in zip(todo, out, strict=True):
+                projected = projected.clone()  # its own storage: an entry's bytes are its own
+                self._entries.setdefault(key, {})[name] = projected
+                self.bytes += _nbytes(projected)
+            if every_row:
+                return out
         return torch.stack([self._entries[key][name] for key in keys])
 
     def forget(self, key) -> None:

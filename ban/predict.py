@@ -226,22 +226,7 @@ class Predictor:
         """Answer `question` about image `image_id` of the prepared directory (`QuestionError`
         for a question that `check_question` refuses, `UnknownImageError` for an unknown id)."""
         question = check_question(question)
-        features, spatials, pixel_boxes = self.region_features(int(image_id))
-        ids = self.dictionary.encode(question)
-        tokens = [
-            self.dictionary.words[i] if i != self.dictionary.unk_idx else UNK
-            for i in ids
-            if i != self.dictionary.padding_idx
-        ]
-        v = torch.from_numpy(features).unsqueeze(0).to(self.device)
-        b = torch.from_numpy(spatials).unsqueeze(0).to(self.device)
-        q = torch.tensor([ids], dtype=torch.int64, device=self.device)
-        out = self.model(v, b, q, image_keys=[int(image_id)])
-        scores = torch.sigmoid(out.logits[0].float())
-        mass = out.attention[0].float().sum(dim=2)  # [G, N]: attention mass of each box
-        answers = self._top_answers(scores, top_k)
-        boxes = _attended_boxes(mass, pixel_boxes, top_boxes)
-        return Prediction(question, int(image_id), tokens, answers, boxes)
+        return self.answer_batch([question], [image_id], top_k, top_boxes)[0]
 
     @torch.no_grad()
     def answer_batch(
